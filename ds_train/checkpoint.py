@@ -1,0 +1,190 @@
+"""Checkpoints that resume: DeepSpeed's files plus our marker, per-rank data and RNG state, keep-last-k.
+
+Layout (ARCHITECTURE.md): RUN_DIR/checkpoints/step-N/ holds DeepSpeed's files for tag step-N,
+`data_rank{r}.pt` and `rng_rank{r}.pt` for every rank, a `tokenizer/` copy, and `ds_train.json`,
+written by rank 0 only after every rank finished and synced its files: its presence marks a complete
+save. `checkpoints/latest` names the newest complete tag and is replaced atomically after the marker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ds_train import distributed
+
+log = logging.getLogger(__name__)
+
+MARKER = "ds_train.json"
+TAG_RE = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the reason."""
+
+
+@dataclass(frozen=True)
+class Found:
+    tag: str
+    step: int
+    path: Path
+    meta: dict[str, Any]
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, ckpt_dir: Path, step: int, meta: dict[str, Any], data_state: Any,
+         tokenizer_dir: Path | None, keep_last: int, rank: int, world_size: int) -> Path:
+    """Collective: every rank calls it at the same step."""
+    tag = tag_for(step)
+    path = ckpt_dir / tag
+    if rank == 0 and (path / MARKER).exists():
+        (path / MARKER).unlink()  # re-saving a step: never leave a stale marker on half-new files
+    distributed.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    torch.save(data_state, path / f"data_rank{rank}.pt")
+    torch.save(rng_state(), path / f"rng_rank{rank}.pt")
+    distributed.barrier()
+    if rank == 0:
+        _fsync_tree(path)  # every rank's files reach the disk before the marker says they did
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, path / "tokenizer", dirs_exist_ok=True)
+        _atomic_write(path / MARKER, json.dumps({**meta, "step": step, "world_size": world_size}, indent=1))
+        _atomic_write(ckpt_dir / "latest", tag)
+        prune(ckpt_dir, keep_last)
+        log.info("checkpoint %s saved", path)
+    distributed.barrier()
+    return path
+
+
+def is_complete(path: Path) -> tuple[bool, str]:
+    """A tag directory is complete when its marker exists and every rank's files are there."""
+    marker = path / MARKER
+    if not marker.is_file():
+        return False, "no ds_train.json marker (the save did not finish)"
+    try:
+        meta = json.loads(marker.read_text())
+    except (json.JSONDecodeError, OSError) as err:
+        return False, f"unreadable marker ({err})"
+    world = int(meta.get("world_size", 0))
+    for r in range(world):
+        for name in (f"data_rank{r}.pt", f"rng_rank{r}.pt"):
+            if not (path / name).is_file() or (path / name).stat().st_size == 0:
+                return False, f"missing or empty {name}"
+    if not any(path.glob("*model_states.pt")):
+        return False, "no DeepSpeed model states file"
+    for f in path.glob("*.pt"):
+        if f.stat().st_size == 0:
+            return False, f"empty file {f.name}"
+    return True, ""
+
+
+def list_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    if not ckpt_dir.is_dir():
+        return []
+    out = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if p.is_dir() and (m := TAG_RE.match(p.name))]
+    return sorted(out, reverse=True)
+
+
+def find_latest(ckpt_dir: Path) -> Found | None:
+    """The newest complete checkpoint; torn ones are reported and passed over."""
+    for step, path in list_tags(ckpt_dir):
+        ok, why = is_complete(path)
+        if ok:
+            meta = json.loads((path / MARKER).read_text())
+            return Found(path.name, step, path, meta)
+        log.warning("checkpoint %s is incomplete and is skipped: %s", path, why)
+    return None
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    complete = [(s, p) for s, p in list_tags(ckpt_dir) if is_complete(p)[0]]
+    for _, path in complete[keep_last:]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def check_compatible(meta: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose model shape, separation or tokenizer differs from the run's."""
+    diffs = []
+    for key in ("model", "separation", "objective", "tokenizer_sha"):
+        a, b = meta.get(key), current.get(key)
+        if key == "model" and isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                if k in ("activation_checkpointing", "loss_chunk_size", "compile"):
+                    continue
+                if a.get(k) != b.get(k):
+                    diffs.append(f"model.{k}: checkpoint {_short(a.get(k))} vs run {_short(b.get(k))}")
+        elif a != b:
+            diffs.append(f"{key}: checkpoint {_short(a)} vs run {_short(b)}")
+    if diffs:
+        raise CheckpointError("the checkpoint does not match this run: " + "; ".join(diffs))
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def load(engine, found: Found, rank: int) -> tuple[Any, dict[str, Any]]:
+    """Load engine state, then this rank's data and RNG state. Returns (data_state, meta)."""
+    world = int(found.meta.get("world_size", 1))
+    if world != torch.distributed.get_world_size():
+        raise CheckpointError(
+            f"checkpoint {found.path} was written by {world} ranks, this run has "
+            f"{torch.distributed.get_world_size()}; convert it with DeepSpeed's universal checkpoint first"
+        )
+    load_path, _ = engine.load_checkpoint(str(found.path.parent), tag=found.tag)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load {found.path}")
+    data_state = torch.load(found.path / f"data_rank{rank}.pt", weights_only=True)
+    set_rng_state(torch.load(found.path / f"rng_rank{rank}.pt", weights_only=True))
+    return data_state, found.meta

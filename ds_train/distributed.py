@@ -1,0 +1,130 @@
+"""Process-group setup for every way a run is started, and the few collectives the engine needs.
+
+Launch forms: the `deepspeed` launcher / torchrun (RANK, WORLD_SIZE, ... set), `mpirun` (rank discovery
+through mpi4py, done by DeepSpeed), SLURM `srun` (SLURM_* mapped here), or a plain `python` process
+(a world of one on a free local port).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_REQUIRED = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+_MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+
+
+class LaunchError(RuntimeError):
+    """The process group could not be formed; the message says what to check."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_env() -> str:
+    """Fill in the env:// variables for the launch form in use; returns its name."""
+    if all(v in os.environ for v in _REQUIRED):
+        return "env"
+    if any(v in os.environ for v in _MPI_MARKERS):
+        return "mpi"  # DeepSpeed discovers ranks through mpi4py
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        if "MASTER_ADDR" not in os.environ:
+            raise LaunchError("SLURM launch: MASTER_ADDR is not set (launch/slurm.sbatch sets it to the first node)")
+        os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
+        os.environ.setdefault("WORLD_SIZE", os.environ["SLURM_NTASKS"])
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+        os.environ.setdefault("MASTER_PORT", "29500")
+        return "slurm"
+    partial = [v for v in _REQUIRED if v in os.environ]
+    if partial and os.environ.get("WORLD_SIZE", "1") != "1":
+        missing = [v for v in _REQUIRED if v not in os.environ]
+        raise LaunchError(f"launcher variables incomplete: {', '.join(missing)} not set")
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    return "single"
+
+
+def init(timeout_s: float | None = None) -> DistInfo:
+    """Form the process group (gloo on the CPU, nccl on GPUs) and pick this rank's device."""
+    import deepspeed
+
+    form = _launch_env()
+    if torch.distributed.is_initialized():  # a second run in the same process (tests, notebooks)
+        return _info()
+    timeout = timedelta(seconds=timeout_s or float(os.environ.get("DS_TRAIN_DIST_TIMEOUT", "900")))
+    master = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    try:
+        deepspeed.init_distributed(timeout=timeout, verbose=False)
+    except (RuntimeError, ValueError, OSError, TimeoutError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LaunchError(
+            f"could not form the process group ({form} launch, master {master}, "
+            f"world size {os.environ.get('WORLD_SIZE', '?')}): {first}"
+        ) from err
+    atexit.register(shutdown)
+    info = _info()
+    log.info("process group: %s launch, rank %d/%d, local rank %d, %s", form, info.rank, info.world_size,
+             info.local_rank, info.device)
+    return info
+
+
+def _info() -> DistInfo:
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise LaunchError(
+                f"rank {rank} has LOCAL_RANK {local_rank} but this node has {torch.cuda.device_count()} GPUs"
+            )
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(rank, local_rank, world, device)
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any rank (so all ranks act at the same step)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def shutdown() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,343 @@
+"""`ds-train`: DeepSpeed ZeRO training of a GPT-Neo with modality-relative pre-training.
+
+    ds-train [RECIPE.yaml ...] [--section.key=value ...]
+    python -m ds_train.train ...
+    deepspeed [--hostfile H] --module ds_train.train ...
+
+With no arguments it runs the embedded default job: mine a corpus from this machine's Python
+sources, train a tokenizer, train a tiny model (Code CLM + partial separation, ZeRO-2), checkpoint,
+export fp16 and print a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ds_train import checkpoint, distributed
+from ds_train.config import (
+    Batch,
+    Config,
+    ConfigError,
+    batch_arithmetic,
+    deepspeed_config,
+    load_config,
+    offloads_optimizer,
+    resolve_precision,
+    save_config,
+)
+from ds_train.distributed import DistInfo, LaunchError
+from ds_train.metrics import Metrics, plot_loss_curve
+from ds_train.prepare import Prepared, prepare, tokenizer_sha
+
+log = logging.getLogger("ds_train")
+
+TENSOR_KEYS = ("input_ids", "position_ids", "doc_ids", "modality", "target", "prefix")
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (non-finite loss); the message says where."""
+
+
+@dataclass
+class Outcome:
+    step: int
+    tokens: int
+    last_row: dict[str, float]
+    checkpoint: Path | None
+    stopped_by_signal: bool
+
+
+def parse_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """Split the command line into YAML files and `--section.key=value` overrides
+    (`--section.key value` works too); `--local_rank` from the deepspeed launcher is accepted."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides, rest, i = [], [], 0
+    while i < len(argv):
+        item = argv[i]
+        key = item.split("=", 1)[0]
+        if item.startswith("--") and "." in key and key not in ("--local_rank", "--local-rank"):
+            if "=" not in item and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                item, i = f"{item}={argv[i + 1]}", i + 1
+            overrides.append(item)
+        else:
+            rest.append(item)
+        i += 1
+    parser = argparse.ArgumentParser(prog="ds-train", description=__doc__.split("\n\n")[0],
+                                     epilog="Overrides: --section.key=value, e.g. --train.max_steps=100")
+    parser.add_argument("configs", nargs="*", help="YAML recipe / machine files, merged in order")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(rest)
+    return args.configs, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    files, overrides = parse_args(argv)
+    try:
+        cfg = load_config(files, overrides)
+        dist = distributed.init()
+        cfg.validate(world_size=dist.world_size, has_gpu=dist.device.type == "cuda")
+        outcome = Trainer(cfg, dist).run()
+    except (ConfigError, LaunchError, checkpoint.CheckpointError, TrainingStopped) as err:
+        for line in str(err).splitlines():
+            print(f"ds-train: {line}", file=sys.stderr)
+        return 2
+    if dist.is_main and outcome is not None:
+        finish(cfg, outcome)
+    return 0
+
+
+class Trainer:
+    """Builds the model, data and engine, then runs the step loop with checkpoints and metrics."""
+
+    def __init__(self, cfg: Config, dist: DistInfo):
+        self.cfg, self.dist = cfg, dist
+        self.run_dir = Path(cfg.run.dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.batch: Batch = batch_arithmetic(cfg.train, dist.world_size)
+        self.stop_requested = False
+        self.skipped_nonfinite = 0
+
+    # ------------------------------------------------------------------ setup
+    def run(self) -> Outcome | None:
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        prepared = self._prepare()
+        self._build(prepared)
+        start_step, tokens, data_state = self._resume()
+        if start_step >= self.cfg.train.max_steps:
+            log.info("run already at step %d of %d; nothing to train", start_step, self.cfg.train.max_steps)
+            return Outcome(start_step, tokens, {}, self._latest_path(), False)
+        self.loader = self._dataloader(data_state)
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._install_signal_handlers()
+        try:
+            return self._loop(start_step, tokens)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _prepare(self) -> Prepared:
+        try:
+            prepared = prepare(self.cfg, self.run_dir, self.dist.is_main)
+        finally:
+            distributed.barrier()
+        if self.dist.is_main:
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        return prepared
+
+    def _build(self, prepared: Prepared) -> None:
+        import deepspeed
+
+        from ds_train.data.tokenizer import load_tokenizer, separated_ids
+        from ds_train.model import GPTNeo, GPTNeoConfig
+
+        self.prepared = prepared
+        tok = load_tokenizer(prepared.tokenizer_dir)
+        sep = separated_ids(tok, self.cfg.objective.separation)
+        torch.manual_seed(self.cfg.run.seed)
+        mcfg = GPTNeoConfig.from_flavor(
+            self.cfg.model.flavor, vocab_size=len(tok), separated_ids=tuple(sep), pad_token_id=tok.pad_token_id,
+            activation_checkpointing=self.cfg.model.activation_checkpointing,
+            loss_chunk_size=self.cfg.model.loss_chunk_size,
+        )
+        if self.cfg.model.init_from:
+            model = GPTNeo.from_pretrained_hf(self.cfg.model.init_from, mcfg)
+        else:
+            model = GPTNeo(mcfg)
+        self.model_config = mcfg
+        self.flops_per_token = model.flops_per_token(self.cfg.data.seq_len)
+        has_gpu = self.dist.device.type == "cuda"
+        bf16_ok = has_gpu and torch.cuda.is_bf16_supported()
+        self.precision = resolve_precision(self.cfg.train, has_gpu, bf16_ok)
+        ds_cfg = deepspeed_config(self.cfg, self.batch, self.precision)
+        if self.dist.is_main:
+            (self.run_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2))
+        if self.cfg.model.compile and has_gpu:
+            model.compile()
+        from ds_train.optim import build_optimizer, build_scheduler, param_groups
+
+        opt_cfg = self.cfg.optim
+        if offloads_optimizer(ds_cfg):  # DeepSpeed's CPU Adam runs the offloaded update
+            ds_cfg["optimizer"] = {"type": "AdamW", "params": {
+                "lr": opt_cfg.lr, "betas": [opt_cfg.beta1, opt_cfg.beta2], "eps": opt_cfg.eps,
+                "weight_decay": opt_cfg.weight_decay}}
+            optimizer, params = None, param_groups(model, opt_cfg.weight_decay)
+        else:
+            optimizer, params = build_optimizer(model, opt_cfg, self.dist.device), None
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=params, config=ds_cfg,
+            lr_scheduler=lambda opt: build_scheduler(opt, opt_cfg, self.cfg.train.max_steps),
+        )
+        self.meta = {
+            "model": mcfg.to_dict(), "separation": self.cfg.objective.separation,
+            "objective": self.cfg.objective.name, "tokenizer_sha": tokenizer_sha(prepared.tokenizer_dir),
+            "zero_stage": self.engine.zero_optimization_stage(), "precision": self.precision,
+        }
+
+    def _resume(self) -> tuple[int, int, Any]:
+        if not self.cfg.checkpoint.resume:
+            return 0, 0, None
+        found = checkpoint.find_latest(self.ckpt_dir)
+        if found is None:
+            return 0, 0, None
+        checkpoint.check_compatible(found.meta, self.meta)
+        data_state, meta = checkpoint.load(self.engine, found, self.dist.rank)
+        log.info("resumed from %s (step %d)", found.path, found.step)
+        return found.step, int(meta.get("tokens_seen", 0)), data_state
+
+    def _dataloader(self, state: Any):
+        from ds_train.data.stream import build_dataloader
+
+        loader = build_dataloader(
+            self.prepared.sources, self.prepared.tokenizer_dir, objective=self.cfg.objective.name,
+            seq_len=self.cfg.data.seq_len, micro_batch_size=self.batch.micro, rank=self.dist.rank,
+            world_size=self.dist.world_size, num_workers=self.cfg.data.num_workers, seed=self.cfg.run.seed,
+            drop_overlong=self.cfg.data.drop_overlong, corrupt_prob=self.cfg.objective.corrupt_prob,
+        )
+        if state is not None:
+            loader.load_state_dict(state)
+        return loader
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, _frame):
+            log.warning("signal %s: saving a checkpoint at the end of this step", signal.Signals(signum).name)
+            self.stop_requested = True
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+
+    # ------------------------------------------------------------------ loop
+    def _loop(self, step: int, tokens: int) -> Outcome:
+        cfg, dev = self.cfg, self.dist.device
+        metrics = Metrics(self.run_dir, self.dist.is_main, cfg.train.max_steps, step, self.flops_per_token, dev)
+        interval_stats = torch.zeros(4, device=dev)
+        row: dict[str, float] = {}
+        saved: Path | None = None
+        steps_in_interval = 0
+        batches = iter(self.loader)
+        end = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
+        try:
+            while step < end:
+                interval_stats += self.train_step(batches, step)
+                step += 1
+                steps_in_interval += 1
+                step_tokens = self.batch.global_ * cfg.data.seq_len
+                tokens += step_tokens
+                metrics.add_tokens(step_tokens)
+                metrics.advance()
+                last = step == end
+                if step % cfg.train.log_every == 0 or last:
+                    row = metrics.report(step, distributed.all_reduce_sum(interval_stats.clone()),
+                                         self._scalars(), steps_in_interval)
+                    interval_stats.zero_()
+                    steps_in_interval = 0
+                stop = distributed.any_rank(self.stop_requested, dev)
+                if stop or last or step % cfg.checkpoint.every_steps == 0:
+                    saved = self.save(step, tokens)
+                if stop:
+                    log.warning("stopped at step %d after a signal; checkpoint %s", step, saved)
+                    return Outcome(step, tokens, row, saved, True)
+        finally:
+            metrics.close()
+        return Outcome(step, tokens, row, saved, False)
+
+    def train_step(self, batches: Iterator[dict], step: int) -> torch.Tensor:
+        """One optimizer step: `accum` micro batches through forward, backward and engine.step()."""
+        dev = self.dist.device
+        stats_sum = torch.zeros(4, device=dev)
+        done = 0
+        while done < self.batch.accum:
+            batch = next(batches)
+            inputs = {k: batch[k].to(dev, non_blocking=True) for k in TENSOR_KEYS if k in batch}
+            loss, stats = self.engine(**inputs)
+            # fp16: the loss scaler skips overflowing steps itself (counted in engine.skipped_steps).
+            if self.precision != "fp16":
+                finite = bool(torch.isfinite(loss).item())
+                if distributed.any_rank(not finite, dev):  # every rank takes the same branch
+                    self._nonfinite(step, batch, finite)
+                    continue
+            self.engine.backward(loss)
+            self.engine.step()
+            stats_sum += stats.to(dev)
+            done += 1
+        return stats_sum
+
+    def _nonfinite(self, step: int, batch: dict, finite_here: bool) -> None:
+        ids = [i for row in batch.get("ids", []) for i in row]
+        where = f"non-finite loss at step {step + 1}"
+        if not finite_here:
+            where += f" on rank {self.dist.rank}, batch _ids {ids[:8]}{' ...' if len(ids) > 8 else ''}"
+        else:
+            where += " on another rank (it names the batch)"
+        if self.cfg.train.nonfinite == "stop":
+            raise TrainingStopped(where + "; weights not updated (train.nonfinite=skip skips such batches)")
+        self.skipped_nonfinite += 1
+        log.warning("%s: batch skipped (%d so far)", where, self.skipped_nonfinite)
+
+    def _scalars(self) -> dict[str, float]:
+        out = {"train/lr": float(self.scheduler.get_last_lr()[0])}
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:
+            out["train/grad_norm"] = float(norm)
+        if self.precision == "fp16":
+            out["train/loss_scale"] = float(getattr(self.optimizer, "cur_scale", 0.0)
+                                            or getattr(self.optimizer, "loss_scale", 0.0))
+        out["train/skipped_steps"] = float(self.engine.skipped_steps + self.skipped_nonfinite)
+        return out
+
+    def save(self, step: int, tokens: int) -> Path:
+        meta = {**self.meta, "tokens_seen": tokens}
+        return checkpoint.save(self.engine, self.ckpt_dir, step, meta, self.loader.state_dict(),
+                               self.prepared.tokenizer_dir, self.cfg.checkpoint.keep_last,
+                               self.dist.rank, self.dist.world_size)
+
+    def _latest_path(self) -> Path | None:
+        found = checkpoint.find_latest(self.ckpt_dir)
+        return found.path if found else None
+
+
+def finish(cfg: Config, outcome: Outcome) -> None:
+    """Rank 0, after training: export (when asked), the loss curve and the closing summary."""
+    run_dir = Path(cfg.run.dir)
+    export_dir = None
+    if cfg.export.enabled and outcome.checkpoint is not None and not outcome.stopped_by_signal:
+        from ds_train.export import export_checkpoint
+
+        export_dir = run_dir / "export"
+        marker = export_dir / "EXPORTED_FROM"
+        if not (marker.is_file() and marker.read_text() == str(outcome.checkpoint.resolve())):
+            export_checkpoint(outcome.checkpoint, export_dir, dtype=cfg.export.dtype, force=True)
+            marker.write_text(str(outcome.checkpoint.resolve()))
+    png = plot_loss_curve(run_dir, run_dir / "loss_curve.png")
+    row = outcome.last_row
+    lines = [
+        "",
+        f"run:          {run_dir.resolve()}",
+        f"step:         {outcome.step} of {cfg.train.max_steps}  ({outcome.tokens:,} tokens)",
+    ]
+    if row:
+        lines.append(f"final loss:   {row.get('train/loss', math.nan):.4f} (code tokens "
+                     f"{row.get('train/loss_code', math.nan):.4f})")
+        lines.append(f"tokens/s:     {row.get('perf/tokens_per_s', 0):,.0f}")
+    lines += [
+        f"checkpoint:   {outcome.checkpoint}",
+        f"export:       {export_dir or '(not exported)'}",
+        f"loss curve:   {png or '(no metrics yet)'}",
+        f"TensorBoard:  tensorboard --logdir {run_dir / 'tb'}",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

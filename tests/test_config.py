@@ -1,0 +1,165 @@
+"""Configuration: precedence, overrides, validation messages, batch arithmetic, every shipped config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ds_train.config import (
+    DS_CONFIG_DIR,
+    Config,
+    ConfigError,
+    TrainConfig,
+    batch_arithmetic,
+    deepspeed_config,
+    load_config,
+    resolve_precision,
+)
+from ds_train.train import parse_args
+
+RECIPES = sorted((DS_CONFIG_DIR / "recipes").glob("*.yaml"))
+MACHINES = sorted((DS_CONFIG_DIR / "machines").glob("*.yaml"))
+DS_JSONS = sorted(DS_CONFIG_DIR.glob("*.json"))
+
+
+def test_defaults_are_the_embedded_job():
+    cfg = load_config()
+    assert (cfg.model.flavor, cfg.objective.name, cfg.objective.separation) == ("tiny", "code_clm", "partial")
+    assert cfg.data.source == "mined" and cfg.train.deepspeed == ["zero2.json"]
+    cfg.validate(world_size=1)
+
+
+def test_precedence_defaults_yaml_cli(tmp_path):
+    a = tmp_path / "a.yaml"
+    b = tmp_path / "b.yaml"
+    a.write_text(yaml.safe_dump({"train": {"max_steps": 7, "micro_batch_size": 3}, "optim": {"lr": 0.5}}))
+    b.write_text(yaml.safe_dump({"train": {"max_steps": 9}}))
+    cfg = load_config([str(a), str(b)], ["--train.max_steps=11", "--objective.separation=full"])
+    assert cfg.train.max_steps == 11  # CLI beats both files
+    assert cfg.train.micro_batch_size == 3  # first file kept where the second is silent
+    assert cfg.optim.lr == 0.5 and cfg.objective.separation == "full"
+    assert cfg.optim.min_lr == Config().optim.min_lr  # default where nobody spoke
+
+
+def test_required_override_names_exist():
+    names = ["run.dir=x", "train.max_steps=5", "checkpoint.every_steps=2", "model.flavor=debug",
+             "objective.name=prefix_code_clm", "objective.separation=none", "data.source=a.jsonl"]
+    cfg = load_config(None, [f"--{n}" for n in names])
+    assert (cfg.run.dir, cfg.train.max_steps, cfg.checkpoint.every_steps) == ("x", 5, 2)
+    assert (cfg.model.flavor, cfg.objective.name, cfg.objective.separation) == ("debug", "prefix_code_clm", "none")
+    assert cfg.data.source == "a.jsonl"
+
+
+def test_list_override_and_scientific_floats():
+    cfg = load_config(None, ["--train.deepspeed=zero3.json,bf16.json", "--optim.lr=3e-4"])
+    assert cfg.train.deepspeed == ["zero3.json", "bf16.json"] and cfg.optim.lr == pytest.approx(3e-4)
+
+
+def test_every_problem_reported_at_once(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["--train.max_stepz=3", "--model.nope=1", "--train.max_steps=abc", "noequals"])
+    msg = str(err.value)
+    assert "unknown config key 'train.max_stepz'" in msg
+    assert "unknown config key 'model.nope'" in msg
+    assert "train.max_steps='abc': expected an integer" in msg
+    assert "override 'noequals'" in msg
+    assert len(msg.splitlines()) == 4
+
+    cfg = load_config(None, ["--objective.name=clm", "--objective.separation=half", "--model.flavor=huge",
+                             "--train.precision=fp8", "--optim.lr=-1", "--checkpoint.every_steps=0",
+                             "--train.deepspeed=missing.json"])
+    with pytest.raises(ConfigError) as err:
+        cfg.validate(world_size=1)
+    lines = str(err.value).splitlines()
+    for needle in ("objective.name='clm'", "objective.separation='half'", "model.flavor='huge'",
+                   "train.precision='fp8'", "optim.lr=-1.0", "checkpoint.every_steps=0", "'missing.json' not found"):
+        assert sum(needle in line for line in lines) == 1, (needle, lines)
+
+
+def test_bad_yaml_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    section = tmp_path / "section.yaml"
+    section.write_text("train: 5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config([str(bad), str(listy), str(section), str(tmp_path / "none.yaml")])
+    msg = str(err.value)
+    assert "not valid YAML" in msg and "expected a mapping" in msg and "train: expected a section" in msg
+    assert "none.yaml' not found" in msg
+
+
+@pytest.mark.parametrize(
+    ("micro", "accum", "glob", "world", "expect"),
+    [(4, 0, 0, 1, (4, 1, 4)), (4, 3, 0, 2, (4, 3, 24)), (4, 0, 32, 2, (4, 4, 32)), (2, 2, 8, 2, (2, 2, 8))],
+)
+def test_batch_arithmetic(micro, accum, glob, world, expect):
+    b = batch_arithmetic(TrainConfig(micro_batch_size=micro, grad_accum=accum, global_batch_size=glob), world)
+    assert (b.micro, b.accum, b.global_) == expect
+    assert b.micro * b.accum * world == b.global_
+
+
+@pytest.mark.parametrize(("micro", "accum", "glob", "world", "needle"), [
+    (4, 0, 30, 2, "not a multiple of micro_batch_size x world size = 4 x 2 = 8"),
+    (4, 3, 30, 2, "!= micro_batch_size x grad_accum x world size = 4 x 3 x 2 = 24"),
+    (0, 1, 0, 1, "must be positive"),
+])
+def test_impossible_batch_arithmetic(micro, accum, glob, world, needle):
+    cfg = load_config(None, [f"--train.micro_batch_size={micro}", f"--train.grad_accum={accum}",
+                             f"--train.global_batch_size={glob}"])
+    with pytest.raises(ConfigError) as err:
+        cfg.validate(world_size=world)
+    assert needle in str(err.value)
+
+
+def test_batch_written_into_deepspeed_config():
+    cfg = load_config(None, ["--train.micro_batch_size=2", "--train.global_batch_size=12",
+                             "--train.deepspeed=zero3_offload.json", "--optim.grad_clip=0.5"])
+    b = batch_arithmetic(cfg.train, 3)
+    ds = deepspeed_config(cfg, b, "bf16")
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 2, 12)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] and "fp16" not in ds
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+def test_precision_resolution_and_fp16_on_cpu():
+    assert resolve_precision(TrainConfig(), has_gpu=False, bf16_ok=False) == "fp32"
+    assert resolve_precision(TrainConfig(), has_gpu=True, bf16_ok=True) == "bf16"
+    assert resolve_precision(TrainConfig(deepspeed=["zero2.json", "fp16.json"]), True, True) == "fp16"
+    cfg = load_config(None, ["--train.deepspeed=zero2.json,fp16.json"])
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        cfg.validate(world_size=1, has_gpu=False)
+    cfg.validate(world_size=1, has_gpu=True)
+    ds = deepspeed_config(cfg, batch_arithmetic(cfg.train, 1), "fp16")
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0
+
+
+@pytest.mark.parametrize("path", DS_JSONS, ids=lambda p: p.name)
+def test_every_deepspeed_json_loads(path):
+    data = json.loads(path.read_text())
+    cfg = load_config(None, [f"--train.deepspeed={path.name}"])
+    cfg.validate(world_size=2, has_gpu=True)
+    ds = deepspeed_config(cfg, batch_arithmetic(cfg.train, 2), "fp32")
+    if "zero_optimization" in data:
+        assert ds["zero_optimization"] == data["zero_optimization"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+@pytest.mark.parametrize("machine", MACHINES, ids=lambda p: p.name)
+def test_every_recipe_with_every_machine_validates(recipe, machine, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # machine files name relative paths; make them exist here
+    for section in yaml.safe_load(machine.read_text()).values():
+        for key, value in section.items():
+            if key in ("tokenizer", "init_from"):
+                Path(value).mkdir(parents=True, exist_ok=True)
+    cfg = load_config([str(recipe), str(machine)])
+    cfg.validate(world_size=8, has_gpu=True)
+
+
+def test_cli_override_forms():
+    files, overrides = parse_args(["a.yaml", "--train.max_steps", "5", "--run.dir=x", "--local_rank=0"])
+    assert files == ["a.yaml"] and overrides == ["--train.max_steps=5", "--run.dir=x"]
