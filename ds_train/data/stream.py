@@ -1,0 +1,524 @@
+"""The training stream: packed batches split over data-parallel ranks and dataloader workers, resumable.
+
+Every (rank, worker) pair is one *consumer* ``c = rank * num_workers + worker`` of ``C = world_size *
+num_workers``. The split and the shuffle are owned here rather than left to ``datasets``
+(``split_dataset_by_node`` falls back to every rank reading everything when shards do not divide,
+and its buffer shuffle loses the buffer on resume):
+
+- **pre-packed shards** (a folder from ``ds-data pack``): each epoch orders the shards by a
+  permutation drawn from (seed, epoch) and the rows of each shard by one drawn from (seed, epoch,
+  shard); consumer ``c`` takes rows ``c, c + C, c + 2C, ...`` of that order. State: (epoch, rows taken).
+- **raw pairs** (files, folders, hub names; packed on the fly): each epoch orders the reading units
+  (files / hub datasets) by a permutation of (seed, epoch); consumer ``c`` keeps the records at
+  positions ``p % C == c`` of each unit, in blocks of ``shuffle_block`` records shuffled by (seed,
+  epoch, unit, block start), encodes and packs them. State: (epoch, unit, block start, records taken
+  from the block, the packer's open rows, closed rows not yet batched, skip counts).
+
+Together the consumers cover the stream once per epoch, disjointly; the stream is infinite (the
+epoch counter is in the state), and ``state_dict`` / ``load_state_dict`` resume exactly: a resumed
+loader yields the batches the uninterrupted one would have (with the same settings: the loader
+refuses a state saved with another world size, worker count, seed, ...). Corrupt Code CLM draws
+each document's corruption from (seed, epoch in which its row is batched, ``_id``).
+
+Skipped input is counted once: in the first epoch, by the consumer that owns the record (missing
+or broken files by consumer 0). Hub datasets are read through ``datasets`` streaming, every
+consumer streaming the whole dataset and keeping its share (a resume streams past the records
+before it): for long runs on the hub corpus, ``ds-data pack`` it once and train on the shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ds_train.data.encode import Encoder, check_objective
+from ds_train.data.pack import (
+    BatchSpec,
+    Doc,
+    Packer,
+    Row,
+    Shard,
+    batch_spec,
+    is_packed_dir,
+    make_batch,
+    read_meta,
+    shard_paths,
+)
+from ds_train.data.sources import FILE_REASONS, SkipCounter, is_hub_name, iter_unit, list_units
+from ds_train.data.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+COUNT_CHECK_BYTES = 256 << 20  # count records up front (to fail early) below this much local input
+
+
+@dataclass
+class StreamConfig:
+    """Everything a consumer needs to rebuild its share of the stream (picklable, no live objects)."""
+
+    sources: list[str]
+    tokenizer_dir: str
+    objective: str
+    seq_len: int
+    micro_batch_size: int
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+    seed: int = 0
+    pack_buffer: int = 1
+    drop_overlong: bool = True
+    corrupt_prob: float = 0.15
+    shuffle_block: int = 512
+    packed: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        check_objective(self.objective)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        if self.micro_batch_size < 1 or self.num_workers < 0 or self.shuffle_block < 1:
+            raise ValueError("micro_batch_size and shuffle_block must be >= 1 and num_workers >= 0")
+        packed = [is_packed_dir(s) for s in self.sources]
+        if any(packed) and not all(packed):
+            raise ValueError("mix of packed folders and raw pair sources: pass one kind")
+        self.packed = bool(packed) and all(packed)
+
+
+def _seed_of(*parts: int) -> np.random.Generator:
+    """A generator for a tuple of non-negative ints (seed, epoch, ...)."""
+    return np.random.default_rng([int(p) for p in parts])
+
+
+# ---------------------------------------------------------------------------------------------- pre-packed
+
+
+class PackedRows:
+    """One consumer's rows of pre-packed shards, epoch after epoch."""
+
+    def __init__(self, cfg: StreamConfig, consumer: int, consumers: int) -> None:
+        self.cfg, self.consumer, self.consumers = cfg, consumer, consumers
+        self.shards = [Shard(p) for src in cfg.sources for p in shard_paths(src)]
+        self.sizes = np.array([len(s) for s in self.shards], dtype=np.int64)
+        self.state = {"epoch": 0, "taken": 0}
+        self._order: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, row) of this consumer's rows of ``epoch``, in order."""
+        if self._order is None or self._order[0] != epoch:
+            shard_order = _seed_of(self.cfg.seed, epoch).permutation(len(self.shards))
+            shard_ix = np.concatenate([np.full(self.sizes[s], s, dtype=np.int32) for s in shard_order])
+            row_ix = np.concatenate(
+                [_seed_of(self.cfg.seed, epoch, s).permutation(self.sizes[s]) for s in shard_order]
+            )
+            self._order = (
+                epoch,
+                shard_ix[self.consumer :: self.consumers],
+                row_ix[self.consumer :: self.consumers],
+            )
+        return self._order[1], self._order[2]
+
+    def __iter__(self) -> Iterator[tuple[Row, int]]:
+        while True:
+            epoch = self.state["epoch"]
+            shard_ix, row_ix = self._epoch_order(epoch)
+            if len(shard_ix) == 0:
+                raise ValueError(f"consumer {self.consumer} of {self.consumers} has no packed rows")
+            while self.state["taken"] < len(shard_ix):
+                k = self.state["taken"]
+                self.state["taken"] = k + 1
+                yield self.shards[shard_ix[k]].row(int(row_ix[k])), epoch
+            self.state = {"epoch": epoch + 1, "taken": 0}
+
+
+# ---------------------------------------------------------------------------------------------- raw pairs
+
+
+class RawRows:
+    """One consumer's pairs of raw sources, shuffled in blocks, encoded and packed, epoch after epoch."""
+
+    def __init__(self, cfg: StreamConfig, consumer: int, consumers: int, encoder: Encoder) -> None:
+        self.cfg, self.consumer, self.consumers, self.encoder = cfg, consumer, consumers, encoder
+        self.skips = SkipCounter()  # bad input of the first epoch (later epochs read the same again)
+        self._later_skips = SkipCounter(quiet=True)
+        self.units = list_units(cfg.sources, self.skips)
+        if not self.units:
+            raise ValueError(f"no readable pair files in {', '.join(cfg.sources)} ({self.skips.report()})")
+        self.packer = Packer(
+            cfg.seq_len, buffer_rows=cfg.pack_buffer, drop_overlong=cfg.drop_overlong, skips=self.skips
+        )
+        self.epoch, self.unit, self.block_start, self.taken = 0, 0, 0, 0
+        self.docs_this_epoch = 0
+        self.queue: list[tuple[Row, int]] = []
+        self._block: list[Doc] | None = None
+        self._block_end: int | None = None  # position after the block's last record; None: unit ends
+        self._reader: tuple[str, int, Iterator] | None = None  # (unit, next position, iterator)
+
+    # -- state
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "unit": self.unit,
+            "block_start": self.block_start,
+            "taken": self.taken,
+            "docs_this_epoch": self.docs_this_epoch,
+            "packer": self.packer.state_dict(),
+            "queue": [
+                [r.ids, r.input_ids.tolist(), r.segments.tolist(), r.doc_lengths.tolist(), e]
+                for r, e in self.queue
+            ],
+            "skips": self.skips.as_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.unit = state["epoch"], state["unit"]
+        self.block_start, self.taken = state["block_start"], state["taken"]
+        self.docs_this_epoch = state["docs_this_epoch"]
+        self.packer.load_state_dict(state["packer"])
+        self.queue = [
+            (
+                Row(
+                    ids, np.array(x, dtype=np.int64), np.array(s, dtype=np.int8), np.array(n, dtype=np.int32)
+                ),
+                e,
+            )
+            for ids, x, s, n, e in state["queue"]
+        ]
+        self.skips.counts.clear()
+        self.skips.update(state["skips"])
+        self.packer.skips = self._epoch_skips()
+        self._block = None
+
+    # -- rows
+    def __iter__(self) -> Iterator[tuple[Row, int]]:
+        while True:
+            while self.queue:
+                yield self.queue.pop(0)
+            self.queue.extend((row, self.epoch) for row in self.packer.add(self._next_doc()))
+
+    def _next_doc(self) -> Doc:
+        while True:
+            if self._block is None:
+                self._load_block()
+            if self.taken < len(self._block):
+                self.taken += 1
+                self.docs_this_epoch += 1
+                return self._block[self.taken - 1]
+            self._advance()
+
+    def _advance(self) -> None:
+        """Move past the finished block: next block, next unit, or next epoch."""
+        self._block, self.taken = None, 0
+        if self._block_end is not None:
+            self.block_start = self._block_end
+            return
+        self.unit, self.block_start = self.unit + 1, 0
+        if self.unit == len(self.units):
+            if self.docs_this_epoch == 0:
+                raise ValueError(
+                    f"consumer {self.consumer} of {self.consumers} (rank x worker) got no pairs in a whole "
+                    f"epoch: the corpus is too small for this many ranks and workers ({self.skips.report()})"
+                )
+            self.epoch, self.unit, self.docs_this_epoch = self.epoch + 1, 0, 0
+            self.packer.skips = self._epoch_skips()
+
+    def _epoch_skips(self) -> SkipCounter:
+        """Where this epoch's skips are counted: each bad record counts once, in the first epoch."""
+        return self.skips if self.epoch == 0 else self._later_skips
+
+    def _load_block(self) -> None:
+        """Read, encode and shuffle the block at (epoch, unit, block_start); skip ``taken`` on resume."""
+        unit = self._unit_order()[self.unit]
+        resuming = self.taken > 0
+        skips = self._later_skips if resuming else self._epoch_skips()  # a resumed block was counted already
+        pairs, end = [], None
+        for position, pair in self._records(unit, skips):
+            pairs.append(pair)
+            if len(pairs) == self.cfg.shuffle_block:
+                end = position + 1
+                break
+        self._block_end = end
+        docs = [Doc(pid, ids, seg) for pid, ids, seg in self.encoder.layout(pairs, skips)]
+        rng = _seed_of(self.cfg.seed, self.epoch, self._unit_order_index(), self.block_start)
+        self._block = [docs[i] for i in rng.permutation(len(docs))]
+        if resuming:
+            self._reader = None  # its records would be counted in the scratch counter
+
+    def _records(self, unit: str, skips: SkipCounter) -> Iterator[tuple[int, object]]:
+        """This consumer's records of ``unit`` from ``block_start``, reusing the open reader if any."""
+        reader = self._reader
+        if reader is None or reader[0] != unit or reader[1] != self.block_start:
+            keep = self._keep
+            reader = (unit, self.block_start, iter_unit(unit, skips, self.block_start, keep))
+        unit_name, _, iterator = reader
+        self._reader = None
+        for position, pair in iterator:
+            self._reader = (unit_name, position + 1, iterator)  # before the yield: the caller may stop here
+            yield position, pair
+
+    def _keep(self, position: int) -> bool:
+        return position % self.consumers == self.consumer
+
+    def _unit_order(self) -> list[str]:
+        order = _seed_of(self.cfg.seed, self.epoch).permutation(len(self.units))
+        return [self.units[i] for i in order]
+
+    def _unit_order_index(self) -> int:
+        return int(_seed_of(self.cfg.seed, self.epoch).permutation(len(self.units))[self.unit])
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+
+
+class PackedStream(IterableDataset):
+    """The batches of one rank: each dataloader worker yields the batches of its consumer share.
+
+    Yields dicts of ``(B, T)`` tensors (ARCHITECTURE.md) plus ``ids``, and the bookkeeping keys
+    ``_consumer``, ``_epoch``, ``_skips`` that ``StreamLoader`` removes.
+    """
+
+    def __init__(self, cfg: StreamConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self._rows: PackedRows | RawRows | None = None
+        self._pending_state: dict | None = None
+
+    def _consumer(self) -> tuple[int, int]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return self.cfg.rank * workers + worker, self.cfg.world_size * workers
+
+    def _build(self) -> tuple[PackedRows | RawRows, BatchSpec]:
+        consumer, consumers = self._consumer()
+        tokenizer = load_tokenizer(self.cfg.tokenizer_dir)
+        encoder = Encoder(
+            tokenizer, self.cfg.objective, seed=self.cfg.seed, corrupt_prob=self.cfg.corrupt_prob
+        )
+        if self.cfg.packed:
+            rows: PackedRows | RawRows = PackedRows(self.cfg, consumer, consumers)
+        else:
+            rows = RawRows(self.cfg, consumer, consumers, encoder)
+        spec = batch_spec(encoder, self.cfg.objective, self.cfg.seq_len)
+        return rows, spec
+
+    def __iter__(self) -> Iterator[dict]:
+        rows, spec = self._build()
+        if self._pending_state is not None:
+            _load_rows_state(rows, self._pending_state)
+            self._pending_state = None
+        self._rows = rows
+        consumer, _ = self._consumer()
+        batch_rows: list[Row] = []
+        epochs: list[int] = []
+        for row, epoch in rows:
+            batch_rows.append(row)
+            epochs.append(epoch)
+            if len(batch_rows) == self.cfg.micro_batch_size:
+                batch = make_batch(batch_rows, spec, epochs)
+                batch.update(_consumer=consumer, _epoch=epoch, _skips=self._skip_counts(consumer))
+                batch_rows, epochs = [], []
+                yield batch
+
+    def _skip_counts(self, consumer: int) -> dict[str, int]:
+        """This consumer's skip counts; file-level reasons only from consumer 0 (every consumer sees them)."""
+        if not isinstance(self._rows, RawRows):
+            return {}
+        counts = self._rows.skips.as_dict()
+        return counts if consumer == 0 else {k: v for k, v in counts.items() if k not in FILE_REASONS}
+
+    def state_dict(self) -> dict:
+        if self._rows is None:
+            return dict(self._pending_state or {})
+        if isinstance(self._rows, PackedRows):
+            return {"packed": dict(self._rows.state)}
+        return {"raw": self._rows.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending_state = dict(state) if state else None
+        self._rows = None
+
+
+def _load_rows_state(rows: PackedRows | RawRows, state: dict) -> None:
+    if isinstance(rows, PackedRows):
+        if "packed" not in state:
+            raise ValueError("data state is from a raw-pair stream, but this run reads packed shards")
+        rows.state = dict(state["packed"])
+    else:
+        if "raw" not in state:
+            raise ValueError("data state is from a packed-shard stream, but this run reads raw pairs")
+        rows.load_state_dict(state["raw"])
+
+
+# ---------------------------------------------------------------------------------------------- loader
+
+
+def _identity(batch: dict) -> dict:
+    return batch
+
+
+class StreamLoader:
+    """An infinite, resumable loader over a rank's share of the stream (wraps ``StatefulDataLoader``).
+
+    Iterating yields batch dicts (ARCHITECTURE.md); ``state_dict()`` / ``load_state_dict()`` capture
+    the position after the last yielded batch; ``skip_counts()`` sums the skipped records seen by
+    this rank's workers; ``epoch`` is the epoch of the last batch.
+    """
+
+    def __init__(self, cfg: StreamConfig) -> None:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        self.cfg = cfg
+        self.dataset = PackedStream(cfg)
+        with warnings.catch_warnings():  # torchdata 0.11 calls a deprecated torch function here
+            warnings.filterwarnings("ignore", message=".*set_vital.*")
+            self.loader = StatefulDataLoader(
+                self.dataset,
+                batch_size=None,
+                num_workers=cfg.num_workers,
+                collate_fn=_identity,
+                prefetch_factor=4 if cfg.num_workers else None,
+                persistent_workers=False,
+            )
+        self._skips: dict[int, dict[str, int]] = {}
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.loader:
+            consumer = batch.pop("_consumer")
+            self._skips[consumer] = batch.pop("_skips")
+            self.epoch = batch.pop("_epoch")
+            yield batch
+
+    def skip_counts(self) -> dict[str, int]:
+        """Skipped records by reason over this rank's workers so far."""
+        total = SkipCounter()
+        for counts in self._skips.values():
+            total.update(counts)
+        return total.as_dict()
+
+    def state_dict(self) -> dict:
+        return {
+            "loader": self.loader.state_dict(),
+            "skips": {str(k): v for k, v in self._skips.items()},
+            "epoch": self.epoch,
+            "config": _fingerprint(self.cfg),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("config") != _fingerprint(self.cfg):
+            raise ValueError(
+                "data state was saved with another stream configuration "
+                f"({state.get('config')} != {_fingerprint(self.cfg)}); it cannot resume this one"
+            )
+        self.loader.load_state_dict(state["loader"])
+        self._skips = {int(k): v for k, v in state.get("skips", {}).items()}
+        self.epoch = state.get("epoch", 0)
+
+
+def _fingerprint(cfg: StreamConfig) -> dict:
+    """The settings a resumed stream must share with the saved one."""
+    keys = (
+        "objective",
+        "seq_len",
+        "micro_batch_size",
+        "rank",
+        "world_size",
+        "num_workers",
+        "seed",
+        "pack_buffer",
+        "drop_overlong",
+        "shuffle_block",
+        "packed",
+    )
+    values = asdict(cfg)
+    return {k: values[k] for k in keys}
+
+
+def build_dataloader(
+    sources: str | os.PathLike | Sequence[str | os.PathLike],
+    tokenizer_dir: str | os.PathLike,
+    *,
+    objective: str,
+    seq_len: int,
+    micro_batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    seed: int = 0,
+    pack_buffer: int = 1,
+    drop_overlong: bool = True,
+    corrupt_prob: float = 0.15,
+    shuffle_block: int = 512,
+    separation: str | None = None,
+) -> StreamLoader:
+    """The training loader of one rank (see the module docstring).
+
+    ``sources``: packed folders (``ds-data pack``) or raw pair files / folders / hub names.
+    ``separation`` is accepted for symmetry and unused: the model routes by modality.
+
+    Raises:
+        ValueError: bad settings, unreadable sources, or a corpus too small for every rank and
+            worker to get data.
+    """
+    del separation
+    names = [str(sources)] if isinstance(sources, (str, os.PathLike)) else [str(s) for s in sources]
+    cfg = StreamConfig(
+        names,
+        str(tokenizer_dir),
+        objective,
+        seq_len,
+        micro_batch_size,
+        rank,
+        world_size,
+        num_workers,
+        seed,
+        pack_buffer,
+        drop_overlong,
+        corrupt_prob,
+        shuffle_block,
+    )
+    vocab_size = len(load_tokenizer(tokenizer_dir))  # fail here, in one line, rather than inside a worker
+    consumers = world_size * max(num_workers, 1)
+    records = _check_and_count(cfg, vocab_size)
+    if records is not None and records < consumers:
+        kind = "packed rows" if cfg.packed else "records"
+        raise ValueError(
+            f"{records} {kind} in {', '.join(names)} cannot feed {world_size} rank(s) x "
+            f"{max(num_workers, 1)} worker(s): every rank would not get data"
+        )
+    return StreamLoader(cfg)
+
+
+def _check_and_count(cfg: StreamConfig, vocab_size: int) -> int | None:
+    """Check that the sources can be read; count packed rows, or records of small local raw inputs.
+
+    Returns None where counting is not cheap (hub datasets, large local inputs).
+    """
+    if cfg.packed:
+        for src in cfg.sources:
+            meta = read_meta(src)
+            if int(meta["seq_len"]) != cfg.seq_len:
+                raise ValueError(f"{src} was packed with seq_len {meta['seq_len']}, not {cfg.seq_len}")
+            if int(meta["vocab_size"]) != vocab_size:
+                raise ValueError(
+                    f"{src} was packed with a {meta['vocab_size']}-token tokenizer, not this "
+                    f"{vocab_size}-token one"
+                )
+        return sum(int(read_meta(src)["rows"]) for src in cfg.sources)
+    hub = [s for s in cfg.sources if is_hub_name(s)]
+    for name in hub:  # fail here, in one line, when the hub cannot be reached
+        next(iter_unit(name, SkipCounter(quiet=True)), None)
+    if hub:
+        return None
+    units = list_units(cfg.sources, SkipCounter(quiet=True))
+    if not units:
+        raise ValueError(f"no readable pair files in {', '.join(cfg.sources)}")
+    if sum(Path(u).stat().st_size for u in units) > COUNT_CHECK_BYTES:
+        return None
+    skips = SkipCounter(quiet=True)
+    return sum(1 for u in units for _ in iter_unit(u, skips))

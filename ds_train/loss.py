@@ -1,0 +1,177 @@
+"""The fused, chunked, modality-masked tied-head loss (DESIGN.md §3 "Output", §4).
+
+The token table W = [E; C] has V text rows and |S| code rows; row V + i is the code row of token
+`separated_ids[i]`. Token t is predicted from the hidden state of position t - 1 with a V-way softmax
+in the view of its own modality:
+
+- text view: logits = h E^T;
+- code view: the same, except that the column of each s in S is h . C[slot(s)].
+
+This equals the original implementation (|S| duplicated vocabulary rows, forbidden columns set to
+-inf), without materialising the (B*T, V + |S|) logits or masked copies of them: the rows whose next
+token is a target are gathered first, then `ChunkedTiedCrossEntropy` walks over them `chunk_size` rows
+at a time. Its forward keeps only each row's logsumexp; its backward recomputes a chunk's logits and
+accumulates the gradients of h and of W (E part and C part). Peak extra memory is about
+2 x chunk_size x V x 4 bytes plus an fp32 gradient of W. Logits are always fp32 (float64 for float64):
+bf16/fp16 on CUDA multiply on tensor cores with fp32 accumulation and output; elsewhere the operands
+are upcast first. In the backward of a bf16/fp16 CUDA run the logits' gradient is rounded to the
+weight's dtype before its two matmuls (their products are still accumulated in fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def operand_dtype(weight: Tensor) -> torch.dtype:
+    """Dtype of the head's matmul operands; the products are always accumulated and returned in fp32+.
+
+    bf16/fp16 on CUDA stay as they are (tensor cores, fp32 accumulation and fp32 output via
+    `torch.mm(..., out_dtype=torch.float32)`); elsewhere operands are upcast to fp32 (float64 stays).
+    """
+    if weight.is_cuda and weight.dtype in LOW_PRECISION:
+        return weight.dtype
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for 2-D operands of one dtype, with the result in fp32 when they are bf16/fp16."""
+    if a.dtype in LOW_PRECISION:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a @ b
+
+
+def view_logits(h: Tensor, table: Tensor, vocab_size: int, is_code: Tensor, separated_ids: Tensor) -> Tensor:
+    """The V-way logits of rows h (n, d) with the table [E; C], each in the view of its row's modality.
+
+    h and table share a dtype (see `operand_dtype`); is_code (n,) bool picks the code view, which puts
+    h . C[slot(s)] in the column of each separated s. Returns (n, V) in fp32 (float64 for float64).
+    """
+    logits = _mm(h, table[:vocab_size].T)  # (n, V)
+    if separated_ids.numel():
+        code_logits = _mm(h, table[vocab_size:].T)  # (n, |S|)
+        text_logits = logits[:, separated_ids]  # (n, |S|)
+        logits[:, separated_ids] = torch.where(is_code[:, None], code_logits, text_logits)
+    return logits
+
+
+def _logsumexp_(logits: Tensor) -> Tensor:
+    """Row-wise logsumexp of (n, V) logits that overwrites them (no second (n, V) buffer): (n,)."""
+    row_max = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+    return (row_max + logits.sub_(row_max).exp_().sum(dim=-1, keepdim=True).log_()).squeeze(1)
+
+
+class ChunkedTiedCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy -log softmax(view(h W^T))[label], chunk by chunk, with a recomputing backward.
+
+    Inputs: h (N, d) gathered hidden states; weight (V + |S|, d) the tied table [E; C]; labels (N,)
+    token ids in [0, V); is_code (N,) bool, the modality of each label token; separated_ids (|S|,) int64
+    sorted; vocab_size V; chunk_size rows per chunk. Output: (N,) losses in fp32 (float64 when the
+    weight is float64). Only h and weight receive gradients; the weight's is accumulated in fp32+.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        h: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        is_code: Tensor,
+        separated_ids: Tensor,
+        vocab_size: int,
+        chunk_size: int,
+    ) -> Tensor:
+        operands = operand_dtype(weight)
+        table = weight.to(operands)
+        losses = torch.empty(h.shape[0], dtype=torch.promote_types(operands, torch.float32), device=h.device)
+        lse = torch.empty_like(losses)
+        for start in range(0, h.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = view_logits(h[rows].to(operands), table, vocab_size, is_code[rows], separated_ids)
+            label_logit = logits.gather(1, labels[rows, None]).squeeze(1)  # (n,)
+            lse[rows] = _logsumexp_(logits)
+            losses[rows] = lse[rows] - label_logit
+            del logits  # free this chunk's (n, V) buffer before the next one is allocated
+        ctx.save_for_backward(h, weight, labels, is_code, separated_ids, lse)
+        ctx.vocab_size, ctx.chunk_size = vocab_size, chunk_size
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses: Tensor) -> tuple[Tensor | None, ...]:
+        h, weight, labels, is_code, separated_ids, lse = ctx.saved_tensors
+        V = ctx.vocab_size
+        operands = operand_dtype(weight)
+        table = weight.to(operands)
+        text_table, code_table = table[:V], table[V:]
+        grad_h = torch.empty_like(h)
+        grad_table = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
+        grad_text, grad_code = grad_table[:V], grad_table[V:]
+        grad_losses = grad_losses.to(lse.dtype)
+        for start in range(0, h.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            h_c, code_c, g_c = h[rows].to(operands), is_code[rows], grad_losses[rows]
+            # d loss_i / d logit_ij = g_i (softmax_ij - [j == label_i]), computed in place over the logits.
+            grad_logits = view_logits(h_c, table, V, code_c, separated_ids)  # (n, V)
+            grad_logits.sub_(lse[rows, None]).exp_().mul_(g_c[:, None])
+            grad_logits.scatter_add_(1, labels[rows, None], -g_c[:, None])
+            grad_h_c = torch.zeros(h_c.shape, dtype=lse.dtype, device=h.device)  # (n, d)
+            if separated_ids.numel():
+                # Code rows saw C in the columns of S: route those entries to C and out of E.
+                on_s = grad_logits[:, separated_ids]  # (n, |S|)
+                grad_on_code = torch.where(code_c[:, None], on_s, 0.0)  # (n, |S|)
+                grad_logits[:, separated_ids] = on_s - grad_on_code
+                grad_on_code = grad_on_code.to(operands)
+                grad_code.add_(_mm(grad_on_code.T, h_c))  # (|S|, d)
+                grad_h_c.add_(_mm(grad_on_code, code_table))
+            grad_logits = grad_logits.to(operands)
+            grad_h_c.add_(_mm(grad_logits, text_table))
+            grad_text.add_(_mm(grad_logits.T, h_c))  # (V, d)
+            grad_h[rows] = grad_h_c.to(h.dtype)
+            del grad_logits  # free this chunk's (n, V) buffer before the next one is allocated
+        return grad_h, grad_table.to(weight.dtype), None, None, None, None, None
+
+
+def modality_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    input_ids: Tensor,
+    target: Tensor,
+    modality: Tensor,
+    separated_ids: Tensor,
+    *,
+    vocab_size: int,
+    chunk_size: int,
+    doc_ids: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy over target tokens with the tied, modality-relative head.
+
+    hidden: (B, T, d) final hidden states (after the last LayerNorm); weight: (V + |S|, d) = [E; C];
+    input_ids, target, modality: (B, T) — token t counts iff target[t], predicted from hidden[t - 1] in
+    the view of modality[t] (True = code). A target at row position 0, or whose previous token belongs
+    to another document (when doc_ids is given), has no context and is not counted (the data layer
+    never produces one: the first token of a document is never a target).
+
+    Returns (loss, stats): loss = sum of -log p over targets / number of targets, in fp32 (float64 for
+    float64 inputs); stats = detached float32 [code_loss_sum, code_targets, text_loss_sum, text_targets]
+    by the modality of the target token. With zero targets the loss is 0 and still part of the graph,
+    so backward runs and gives zero gradients.
+    """
+    counted = target[:, 1:].bool()  # (B, T-1): is token t+1 a target? (0/1 integer flags work too)
+    if doc_ids is not None:
+        counted = counted & (doc_ids[:, 1:] == doc_ids[:, :-1])
+    h = hidden[:, :-1][counted]  # (N, d): the states that predict a target
+    labels = input_ids[:, 1:][counted]  # (N,)
+    is_code = modality[:, 1:][counted].bool()  # (N,)
+    losses = ChunkedTiedCrossEntropy.apply(
+        h, weight, labels, is_code, separated_ids, vocab_size, chunk_size
+    )  # (N,)
+    n_targets = labels.numel()
+    loss = losses.sum() / max(n_targets, 1)
+    with torch.no_grad():
+        code_sum = (losses * is_code).sum().float()
+        n_code = is_code.sum().float()
+        stats = torch.stack([code_sum, n_code, losses.sum().float() - code_sum, n_targets - n_code])
+    return loss, stats

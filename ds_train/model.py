@@ -1,0 +1,571 @@
+"""GPT-Neo with modality-relative embeddings (DESIGN.md §3, §5): config, blocks, model, `transformers` I/O.
+
+The token table `wte.weight` is [E; C]: V text rows, then one code row per separated token
+(row V + i belongs to `separated_ids[i]`). Code tokens in S are routed to their code row by one
+lookup through the `route` buffer; the tied head and the loss live in `ds_train.loss`.
+
+GPT-Neo math, as in `transformers`' GPTNeoForCausalLM: learned absolute positions, pre-LayerNorm
+blocks, q/k/v without bias and out_proj with bias, attention scores not scaled by 1/sqrt(head_dim),
+global and local (sliding window) layers, GELU (tanh) MLP of 4d, final LayerNorm, tied head.
+This file never imports DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ds_train.attention import BACKENDS, Mask, attend, build_masks
+from ds_train.loss import modality_loss, operand_dtype, view_logits
+
+log = logging.getLogger(__name__)
+
+ATTENTION_TYPES = ("global", "local")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config and flavors
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GPTNeoConfig:
+    """Shape and behaviour of the backbone. `to_dict()` / `from_dict()` give its JSON/YAML form."""
+
+    vocab_size: int
+    """V: the tokenizer's vocabulary size, special tokens included. The token table has V + |S| rows."""
+    n_positions: int = 2048
+    """Rows of the learned position table: the longest document (positions restart per document)."""
+    d_model: int = 768
+    """Width d of the residual stream."""
+    n_layer: int = 12
+    """Number of transformer blocks L."""
+    n_head: int = 12
+    """Attention heads per block; d_model must be a multiple of it."""
+    window_size: int = 256
+    """Local layers attend to keys with |t - s| < window_size."""
+    attention_types: tuple[str, ...] = ()
+    """Per layer, "global" or "local"; empty means alternate global, local, global, ..."""
+    layer_norm_eps: float = 1e-5
+    """Epsilon of every LayerNorm."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of weights and embeddings (biases start at 0)."""
+    separated_ids: tuple[int, ...] = ()
+    """S: sorted token ids (< V, never special) that get a code row; empty = no separation."""
+    pad_token_id: int | None = None
+    """The pad token; its text row starts at zero."""
+    activation_checkpointing: bool = False
+    """Recompute each block in the backward pass (torch.utils.checkpoint, non-reentrant)."""
+    loss_chunk_size: int = 1024
+    """Target rows per chunk of the fused loss; its extra memory is about 2 x chunk x V x 4 bytes."""
+    attention_backend: str = "auto"
+    """Attention kernel: "auto" (FlexAttention block masks on CUDA, dense-mask SDPA elsewhere), "flex", "sdpa"."""
+
+    def __post_init__(self) -> None:
+        self.attention_types = tuple(self.attention_types) or tuple(
+            ATTENTION_TYPES[i % 2] for i in range(self.n_layer)
+        )
+        self.separated_ids = tuple(int(i) for i in self.separated_ids)
+
+    def validate(self) -> None:
+        """Raise one ValueError that lists every problem of the config."""
+        problems = []
+        for name in (
+            "vocab_size",
+            "n_positions",
+            "d_model",
+            "n_layer",
+            "n_head",
+            "window_size",
+            "loss_chunk_size",
+        ):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.n_head >= 1 and self.d_model % self.n_head:
+            problems.append(f"d_model {self.d_model} is not a multiple of n_head {self.n_head}")
+        if len(self.attention_types) != self.n_layer:
+            problems.append(
+                f"attention_types has {len(self.attention_types)} entries for {self.n_layer} layers"
+            )
+        if unknown := sorted(set(self.attention_types) - set(ATTENTION_TYPES)):
+            problems.append(f"unknown attention types {unknown}; expected 'global' or 'local'")
+        ids = self.separated_ids
+        if list(ids) != sorted(set(ids)):
+            problems.append("separated_ids must be sorted and without duplicates")
+        if ids and (ids[0] < 0 or ids[-1] >= self.vocab_size):
+            problems.append(f"separated_ids must lie in [0, {self.vocab_size})")
+        if self.pad_token_id is not None:
+            if not 0 <= self.pad_token_id < self.vocab_size:
+                problems.append(f"pad_token_id {self.pad_token_id} is outside [0, {self.vocab_size})")
+            if self.pad_token_id in set(ids):
+                problems.append(f"pad_token_id {self.pad_token_id} must not be a separated id")
+        if self.attention_backend not in BACKENDS:
+            problems.append(f"attention_backend must be one of {BACKENDS} (got {self.attention_backend!r})")
+        if problems:
+            raise ValueError("invalid model config: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.d_model // self.n_head
+
+    @property
+    def n_separated(self) -> int:
+        """|S|, the number of code rows."""
+        return len(self.separated_ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-ready dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GPTNeoConfig:
+        """Inverse of `to_dict`; unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(data) - known):
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_flavor(
+        cls,
+        name: str,
+        *,
+        vocab_size: int,
+        separated_ids: tuple[int, ...] | list[int] = (),
+        pad_token_id: int | None = None,
+        **overrides: Any,
+    ) -> GPTNeoConfig:
+        """A named shape from `FLAVORS`, with the tokenizer's numbers and any field overridden."""
+        if name not in FLAVORS:
+            raise ValueError(f"unknown model flavor {name!r}; known: {', '.join(FLAVORS)}")
+        fields = {**FLAVORS[name], **overrides}
+        return cls.from_dict(
+            {
+                "vocab_size": vocab_size,
+                "separated_ids": tuple(separated_ids),
+                "pad_token_id": pad_token_id,
+                **fields,
+            }
+        )
+
+
+FLAVORS: dict[str, dict[str, int]] = {
+    "tiny": {"n_layer": 2, "d_model": 64, "n_head": 4, "n_positions": 512, "window_size": 32},
+    "debug": {"n_layer": 4, "d_model": 256, "n_head": 4, "n_positions": 1024, "window_size": 256},
+    "pycodegpt-110m": {"n_layer": 12, "d_model": 768, "n_head": 12, "n_positions": 2048, "window_size": 256},
+    "gpt-neo-350m": {"n_layer": 24, "d_model": 1024, "n_head": 16, "n_positions": 2048, "window_size": 256},
+    "gpt-neo-760m": {"n_layer": 24, "d_model": 1536, "n_head": 16, "n_positions": 2048, "window_size": 256},
+    "gpt-neo-1.3b": {"n_layer": 24, "d_model": 2048, "n_head": 16, "n_positions": 2048, "window_size": 256},
+}
+"""Named model shapes; layers alternate global / local attention in all of them."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Blocks
+# ----------------------------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention, GPT-Neo style: no bias on q/k/v, bias on out_proj, unscaled scores."""
+
+    def __init__(self, config: GPTNeoConfig) -> None:
+        super().__init__()
+        d = config.d_model
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.out_proj = nn.Linear(d, d, bias=True)
+
+    def forward(self, x: Tensor, mask: Mask) -> Tensor:
+        B, T, d = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        y = attend(q, k, v, mask)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, d)  # (B, T, d)
+        return self.out_proj(y)
+
+
+class MLP(nn.Module):
+    """d -> 4d -> d with GELU (tanh approximation, `gelu_new` in `transformers`)."""
+
+    def __init__(self, config: GPTNeoConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.d_model, 4 * config.d_model)
+        self.c_proj = nn.Linear(4 * config.d_model, config.d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block; `window` is None on global layers."""
+
+    def __init__(self, config: GPTNeoConfig, layer: int) -> None:
+        super().__init__()
+        self.window = config.window_size if config.attention_types[layer] == "local" else None
+        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.attn = SelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, mask: Mask) -> Tensor:
+        x = x + self.attn(self.ln_1(x), mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------
+
+
+class GPTNeo(nn.Module):
+    """GPT-Neo over the routed table [E; C], returning hidden states, logits, or (loss, stats)."""
+
+    def __init__(self, config: GPTNeoConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        V, n_sep, d = config.vocab_size, config.n_separated, config.d_model
+        self.wte = nn.Embedding(V + n_sep, d)
+        self.wpe = nn.Embedding(config.n_positions, d)
+        self.h = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        separated = torch.tensor(config.separated_ids, dtype=torch.long)
+        route = torch.arange(V)
+        route[separated] = V + torch.arange(n_sep)
+        self.register_buffer("separated", separated, persistent=False)  # (|S|,): slot -> token id
+        self.register_buffer("route", route, persistent=False)  # (V,): token id -> row of a code token
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise like `transformers` (normal(0, init_std), zero biases, unit LayerNorms); C = E[S]; pad row 0."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        table, V = self.wte.weight, self.config.vocab_size
+        table[V:] = table[self.separated]
+        if self.config.pad_token_id is not None:
+            table[self.config.pad_token_id] = 0.0
+
+    def route_ids(self, input_ids: Tensor, modality: Tensor | None) -> Tensor:
+        """Rows of [E; C] to look up: V + slot(x) for code tokens x in S, else x. (B, T) -> (B, T)."""
+        if modality is None:
+            return input_ids
+        return torch.where(modality.bool(), self.route[input_ids], input_ids)
+
+    def _check_ranges(self, input_ids: Tensor, position_ids: Tensor) -> None:
+        """One-line ValueError for token ids outside [0, V) or positions outside [0, n_positions)."""
+        if input_ids.numel() == 0:
+            return
+        bounds = torch.stack([input_ids.min(), input_ids.max(), position_ids.min(), position_ids.max()])
+        low_id, high_id, low_pos, high_pos = bounds.tolist()  # one device sync for all four
+        V, P = self.config.vocab_size, self.config.n_positions
+        if low_id < 0 or high_id >= V:
+            raise ValueError(f"input_ids must lie in [0, {V}) (got values from {low_id} to {high_id})")
+        if low_pos < 0 or high_pos >= P:
+            raise ValueError(f"position_ids must lie in [0, {P}) (got values from {low_pos} to {high_pos})")
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+        modality: Tensor | None = None,
+        prefix: Tensor | None = None,
+    ) -> Tensor:
+        """Final hidden states (after ln_f), (B, T, d). Defaults: positions arange(T), one document, all text."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)  # (B, T)
+        self._check_ranges(input_ids, position_ids)
+        if doc_ids is None:
+            doc_ids = torch.zeros_like(input_ids)
+        x = self.wte(self.route_ids(input_ids, modality)) + self.wpe(position_ids)  # (B, T, d)
+        windows = {block.window for block in self.h}
+        masks = build_masks(doc_ids, prefix, windows, self.config.attention_backend)
+        recompute = self.config.activation_checkpointing and torch.is_grad_enabled()
+        for block in self.h:
+            if recompute:
+                x = checkpoint(block, x, masks[block.window], use_reentrant=False)
+            else:
+                x = block(x, masks[block.window])
+        return self.ln_f(x)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+        modality: Tensor | None = None,
+        target: Tensor | None = None,
+        prefix: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """With `target`: (loss, stats) of `ds_train.loss.modality_loss`; without: hidden states (B, T, d).
+
+        All arguments are (B, T): input_ids int64, position_ids int64, doc_ids int (padding -1),
+        modality bool (True = code), target bool, prefix bool.
+        """
+        hidden = self.hidden_states(input_ids, position_ids, doc_ids, modality, prefix)
+        if target is None:
+            return hidden
+        if modality is None:
+            modality = torch.zeros_like(input_ids, dtype=torch.bool)
+        return modality_loss(
+            hidden,
+            self.wte.weight,
+            input_ids,
+            target,
+            modality,
+            self.separated,
+            vocab_size=self.config.vocab_size,
+            chunk_size=self.config.loss_chunk_size,
+            doc_ids=doc_ids,
+        )
+
+    def logits(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+        modality: Tensor | None = None,
+        prefix: Tensor | None = None,
+        code_view: bool | Tensor = False,
+    ) -> Tensor:
+        """V-way next-token logits at every position, (B, T, V), fp32 (float64 for a float64 model).
+
+        `code_view` (bool, or (B, T) bool per position) picks the view of the *predicted* token: the
+        code view puts h . C[slot(s)] in the column of each separated s. For evaluation and generation
+        on small inputs: it materialises B x T x V.
+        """
+        hidden = self.hidden_states(input_ids, position_ids, doc_ids, modality, prefix)
+        B, T, d = hidden.shape
+        operands = operand_dtype(self.wte.weight)
+        is_code = torch.as_tensor(code_view, device=hidden.device).bool().expand(B, T)
+        logits = view_logits(
+            hidden.reshape(B * T, d).to(operands),  # (B*T, d)
+            self.wte.weight.to(operands),
+            self.config.vocab_size,
+            is_code.reshape(B * T),
+            self.separated,
+        )  # (B*T, V)
+        return logits.view(B, T, -1)  # (B, T, V)
+
+    def num_params(self) -> int:
+        """N: every parameter, the tied token table ([E; C]) and the position table included."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (DESIGN.md §8): 6 N + 12 L d T."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.d_model * seq_len
+
+    def compile_blocks(self) -> None:
+        """The GPU fast path: torch.compile each block in place (parameter names do not change)."""
+        for block in self.h:
+            block.compile(dynamic=False)
+
+    @classmethod
+    def from_pretrained_hf(cls, path: str | Path, **config_overrides: Any) -> GPTNeo:
+        """Load a local `transformers` GPT-Neo directory (a plain one, or an export with modality_map.json).
+
+        The config comes from its config.json (and modality_map.json, when present), then
+        `config_overrides` (e.g. vocab_size=V and separated_ids=S of a tokenizer with added tokens).
+        """
+        path = Path(path)
+        config = GPTNeoConfig.from_dict({**_config_from_hf_dir(path), **config_overrides})
+        model = cls(config)
+        model.load_state_dict(from_hf_state_dict(_read_hf_weights(path), config))
+        log.info("loaded %s: %d parameters, |S| = %d", path, model.num_params(), config.n_separated)
+        return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# `transformers` layout: GPTNeoForCausalLM keys and config.json
+# ----------------------------------------------------------------------------------------------------
+
+_HF_ATTN = re.compile(r"^h\.(\d+)\.attn\.")
+_HF_OWN_ATTN = re.compile(r"^h\.(\d+)\.attn\.attention\.")
+_HF_IGNORED = re.compile(r"(\.attn\.attention\.(bias|masked_bias)$)|(^lm_head\.weight$)")
+
+
+def _expected_shapes(config: GPTNeoConfig) -> dict[str, torch.Size]:
+    """Parameter names and shapes of GPTNeo(config), without allocating it."""
+    with torch.device("meta"):
+        return {name: p.shape for name, p in GPTNeo(config).state_dict().items()}
+
+
+def _check_keys(state_dict: dict[str, Tensor], config: GPTNeoConfig, what: str) -> None:
+    """Raise a one-line ValueError if `state_dict` lacks a parameter, has a stray one, or a wrong shape."""
+    expected = _expected_shapes(config)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = [
+        f"{k} {tuple(state_dict[k].shape)} != {tuple(s)}"
+        for k, s in expected.items()
+        if k in state_dict and state_dict[k].shape != s
+    ]
+    problems = [f"missing {missing}"] * bool(missing) + [f"unexpected {unexpected}"] * bool(unexpected)
+    problems += [f"shape {w}" for w in wrong]
+    if problems:
+        raise ValueError(f"{what} does not match the model config: " + "; ".join(problems))
+
+
+def to_hf_state_dict(state_dict: dict[str, Tensor], config: GPTNeoConfig) -> dict[str, Tensor]:
+    """Our parameter names -> GPTNeoForCausalLM's; `lm_head.weight` is the same tensor as the table [E; C]."""
+    _check_keys(state_dict, config, "state dict")
+    hf = {"transformer." + _HF_ATTN.sub(r"h.\1.attn.attention.", k): v for k, v in state_dict.items()}
+    hf["lm_head.weight"] = hf["transformer.wte.weight"]
+    return hf
+
+
+def from_hf_state_dict(
+    hf_state_dict: dict[str, Tensor], config: GPTNeoConfig, *, seed: int = 0
+) -> dict[str, Tensor]:
+    """GPTNeoForCausalLM weights -> our state dict for `config`.
+
+    The token table may have V_hf <= V rows (a plain GPT-Neo; rows V_hf..V-1 are tokens the tokenizer
+    added, drawn from normal(0, init_std) with `seed`; the code rows start as copies of E's rows of the
+    separated ids; the pad row is zeroed) or exactly V + |S| rows (an export of this project, kept as is).
+    An untied `lm_head.weight` is an error: the head must be the token table.
+    """
+    ours = {}
+    for key, value in hf_state_dict.items():
+        if _HF_IGNORED.search(key):
+            continue
+        name = key.removeprefix("transformer.")
+        ours[_HF_OWN_ATTN.sub(r"h.\1.attn.", name)] = value
+    head = hf_state_dict.get("lm_head.weight")
+    table = hf_state_dict.get("transformer.wte.weight")
+    if head is not None and table is not None and not torch.equal(head, table):
+        raise ValueError("lm_head.weight differs from transformer.wte.weight: only a tied head is supported")
+    if table is not None:
+        ours["wte.weight"] = _full_token_table(table, config, seed)
+    _check_keys(ours, config, "checkpoint")
+    return ours
+
+
+def _full_token_table(table: Tensor, config: GPTNeoConfig, seed: int) -> Tensor:
+    """A checkpoint's token table (V_hf <= V rows, or V + |S|) -> the (V + |S|, d) table [E; C]."""
+    V, n_sep = config.vocab_size, config.n_separated
+    rows = table.shape[0]
+    if rows == V + n_sep:
+        return table.clone()
+    if rows > V:
+        raise ValueError(
+            f"checkpoint token table has {rows} rows; expected at most V = {V} or exactly V + |S| = {V + n_sep}"
+        )
+    full = torch.empty(V + n_sep, table.shape[1], dtype=table.dtype)
+    full[:rows] = table
+    generator = torch.Generator().manual_seed(seed)
+    new_rows = torch.randn(V - rows, table.shape[1], generator=generator) * config.init_std
+    full[rows:V] = new_rows.to(table.dtype)
+    full[V:] = full[torch.tensor(config.separated_ids, dtype=torch.long)]
+    if config.pad_token_id is not None:
+        full[config.pad_token_id] = 0.0
+    return full
+
+
+def _attention_types_hf(types: tuple[str, ...]) -> list:
+    """Per-layer types -> GPT-Neo's [[pattern, repeats]] form, with the shortest repeating pattern."""
+    n = len(types)
+    period = next(p for p in range(1, n + 1) if n % p == 0 and types == types[:p] * (n // p))
+    return [[list(types[:period]), n // period]]
+
+
+def hf_config_dict(config: GPTNeoConfig) -> dict[str, Any]:
+    """The `config.json` content of GPTNeoForCausalLM for this model; vocab_size = V + |S|."""
+    return {
+        "architectures": ["GPTNeoForCausalLM"],
+        "model_type": "gpt_neo",
+        "vocab_size": config.vocab_size + config.n_separated,
+        "max_position_embeddings": config.n_positions,
+        "hidden_size": config.d_model,
+        "num_layers": config.n_layer,
+        "num_heads": config.n_head,
+        "attention_types": _attention_types_hf(config.attention_types),
+        "window_size": config.window_size,
+        "intermediate_size": None,
+        "activation_function": "gelu_new",
+        "resid_dropout": 0.0,
+        "embed_dropout": 0.0,
+        "attention_dropout": 0.0,
+        "layer_norm_epsilon": config.layer_norm_eps,
+        "initializer_range": config.init_std,
+        "use_cache": True,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": config.pad_token_id,
+        "tie_word_embeddings": True,
+    }
+
+
+def _config_from_hf_dir(path: Path) -> dict[str, Any]:
+    """GPTNeoConfig fields read from a `transformers` directory's config.json (+ modality_map.json)."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{path} has no config.json: not a transformers model directory")
+    hf = json.loads(config_file.read_text())
+    if hf.get("model_type") != "gpt_neo":
+        raise ValueError(f"{config_file}: model_type is {hf.get('model_type')!r}, expected 'gpt_neo'")
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"{config_file}: activation {hf['activation_function']!r} is not GELU (tanh)")
+    if hf.get("intermediate_size") not in (None, 4 * hf["hidden_size"]):
+        raise ValueError(f"{config_file}: intermediate_size {hf['intermediate_size']} is not 4 x hidden_size")
+    types = [
+        t
+        for pattern, repeats in hf.get("attention_types", [[["global", "local"], 12]])
+        for t in pattern * repeats
+    ]
+    fields = {
+        "vocab_size": hf["vocab_size"],
+        "n_positions": hf["max_position_embeddings"],
+        "d_model": hf["hidden_size"],
+        "n_layer": hf["num_layers"],
+        "n_head": hf["num_heads"],
+        "window_size": hf.get("window_size", 256),
+        "attention_types": tuple(types),
+        "layer_norm_eps": hf.get("layer_norm_epsilon", 1e-5),
+        "init_std": hf.get("initializer_range", 0.02),
+        "pad_token_id": hf.get("pad_token_id"),
+    }
+    modality_map = path / "modality_map.json"
+    if modality_map.is_file():
+        mapping = json.loads(modality_map.read_text())
+        fields["vocab_size"] = mapping["base_vocab_size"]
+        fields["separated_ids"] = tuple(mapping["separated_ids"])
+    return fields
+
+
+def _read_hf_weights(path: Path) -> dict[str, Tensor]:
+    """All tensors of model.safetensors (single or sharded) or pytorch_model.bin in `path`."""
+    from safetensors.torch import load_file
+
+    if (path / "model.safetensors").is_file():
+        return load_file(path / "model.safetensors")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(path / shard).items()}
+    if (path / "pytorch_model.bin").is_file():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise ValueError(f"{path} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
