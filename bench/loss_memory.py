@@ -6,7 +6,7 @@ Run it as its own process (the measurement is this process's peak RSS):
     .venv/bin/python bench/loss_memory.py --targets 8192 --d-model 64  # a quick one
 
 It allocates the inputs (hidden states of the target rows, the [E; C] table), notes the resident set
-size, runs `ds_train.loss.modality_loss` forward and backward, and reads the peak RSS (ru_maxrss).
+size, runs `ds_train.loss.modality_loss` forward and backward, and reads the peak RSS (VmHWM after resetting it; ru_maxrss where /proc is missing).
 peak - baseline is an upper bound of the extra memory of the loss path, gradients included. It prints
 one JSON line; the naive figure is the fp32 logits alone, targets x V x 4 bytes.
 """
@@ -18,6 +18,7 @@ import json
 import logging
 import resource
 import sys
+from pathlib import Path
 
 import psutil
 import torch
@@ -43,8 +44,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark of this process's RSS (Linux: /proc/self/clear_refs, "5").
+
+    ru_maxrss alone is not enough: a process started by vfork + exec (Python's subprocess, e.g. from a
+    large pytest process) can inherit its parent's peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (ru_maxrss is in KiB on Linux)."""
+    """This process's peak resident set size: VmHWM where readable, else ru_maxrss (KiB on Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -58,6 +77,7 @@ def measure(vocab: int, separated: int, targets: int, d_model: int, chunk: int) 
     target = torch.ones(1, targets + 1, dtype=torch.bool)
     separated_ids = torch.randperm(vocab, generator=g)[:separated].sort().values
 
+    reset_peak_rss()
     baseline = psutil.Process().memory_info().rss
     loss, _stats = modality_loss(
         hidden, weight, input_ids, target, modality, separated_ids, vocab_size=vocab, chunk_size=chunk

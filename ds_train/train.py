@@ -12,6 +12,7 @@ export fp16 and print a summary.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -55,6 +56,7 @@ class Outcome:
     last_row: dict[str, float]
     checkpoint: Path | None
     stopped_by_signal: bool
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def parse_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
@@ -151,8 +153,12 @@ class Trainer:
             activation_checkpointing=self.cfg.model.activation_checkpointing,
             loss_chunk_size=self.cfg.model.loss_chunk_size,
         )
-        if self.cfg.model.init_from:
-            model = GPTNeo.from_pretrained_hf(self.cfg.model.init_from, mcfg)
+        if self.cfg.model.init_from:  # shape from its config.json; vocabulary and S from our tokenizer
+            model = GPTNeo.from_pretrained_hf(
+                self.cfg.model.init_from, vocab_size=len(tok), separated_ids=tuple(sep),
+                pad_token_id=tok.pad_token_id, activation_checkpointing=self.cfg.model.activation_checkpointing,
+                loss_chunk_size=self.cfg.model.loss_chunk_size)
+            mcfg = model.config
         else:
             model = GPTNeo(mcfg)
         self.model_config = mcfg
@@ -164,7 +170,7 @@ class Trainer:
         if self.dist.is_main:
             (self.run_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2))
         if self.cfg.model.compile and has_gpu:
-            model.compile()
+            model.compile_blocks()
         from ds_train.optim import build_optimizer, build_scheduler, param_groups
 
         opt_cfg = self.cfg.optim
@@ -247,10 +253,18 @@ class Trainer:
                     saved = self.save(step, tokens)
                 if stop:
                     log.warning("stopped at step %d after a signal; checkpoint %s", step, saved)
-                    return Outcome(step, tokens, row, saved, True)
+                    return Outcome(step, tokens, row, saved, True, self.loader.skip_counts())
         finally:
             metrics.close()
-        return Outcome(step, tokens, row, saved, False)
+            self._report_skips()
+        return Outcome(step, tokens, row, saved, False, self.loader.skip_counts())
+
+    def _report_skips(self) -> None:
+        """Bad or overlong input is skipped and counted by the stream; say so on every rank."""
+        counts = self.loader.skip_counts()
+        if counts:
+            log.warning("rank %d skipped input records: %s", self.dist.rank,
+                        ", ".join(f"{k}={v}" for k, v in counts.items()))
 
     def train_step(self, batches: Iterator[dict], step: int) -> torch.Tensor:
         """One optimizer step: `accum` micro batches through forward, backward and engine.step()."""
@@ -294,6 +308,7 @@ class Trainer:
             out["train/loss_scale"] = float(getattr(self.optimizer, "cur_scale", 0.0)
                                             or getattr(self.optimizer, "loss_scale", 0.0))
         out["train/skipped_steps"] = float(self.engine.skipped_steps + self.skipped_nonfinite)
+        out["data/skipped_records"] = float(sum(self.loader.skip_counts().values()))
         return out
 
     def save(self, step: int, tokens: int) -> Path:
@@ -330,6 +345,9 @@ def finish(cfg: Config, outcome: Outcome) -> None:
         lines.append(f"final loss:   {row.get('train/loss', math.nan):.4f} (code tokens "
                      f"{row.get('train/loss_code', math.nan):.4f})")
         lines.append(f"tokens/s:     {row.get('perf/tokens_per_s', 0):,.0f}")
+    if outcome.skipped:
+        lines.append("data skipped: " + ", ".join(f"{k}={v}" for k, v in outcome.skipped.items())
+                     + " (rank 0's share; see the log for every rank)")
     lines += [
         f"checkpoint:   {outcome.checkpoint}",
         f"export:       {export_dir or '(not exported)'}",
