@@ -90,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         dist = distributed.init()
         cfg.validate(world_size=dist.world_size, has_gpu=dist.device.type == "cuda")
         outcome = Trainer(cfg, dist).run()
-    except (ConfigError, LaunchError, checkpoint.CheckpointError, TrainingStopped) as err:
-        for line in str(err).splitlines():
+    except (ValueError, OSError, LaunchError, checkpoint.CheckpointError, TrainingStopped) as err:
+        # Bad configs, data, tokenizers and files (ConfigError is a ValueError): plain lines, no traceback.
+        log.debug("stopping", exc_info=True)
+        for line in str(err).splitlines() or [type(err).__name__]:
             print(f"ds-train: {line}", file=sys.stderr)
         return 2
     if dist.is_main and outcome is not None:
