@@ -178,3 +178,47 @@ def test_world_size_two_matches_plain_pytorch(tmp_path):
     assert [got[s] for s in (1, 2, 3)] == pytest.approx(ref, rel=2e-5)
     meta = json.loads((tmp_path / "run" / "checkpoints" / "step-3" / "ds_train.json").read_text())
     assert meta["world_size"] == 2 and meta["zero_stage"] == 2
+
+
+def test_init_from_a_transformers_gpt_neo(tmp_path, single_process):
+    """Start from a local `transformers` GPT-Neo directory: at step 1 the code table is a copy of E, so
+    the engine's first loss must equal the plain `transformers` model's cross-entropy on the same
+    documents (run one by one, positions from 0), summed over the targets and divided by their count."""
+    from transformers import GPTNeoConfig as HFConfig
+    from transformers import GPTNeoForCausalLM
+
+    from ds_train.data.stream import build_dataloader
+    from ds_train.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(ASSETS / "tokenizer")
+    torch.manual_seed(0)
+    hf = GPTNeoForCausalLM(HFConfig(vocab_size=len(tok), max_position_embeddings=256, hidden_size=32,
+                                    num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+                                    window_size=16, intermediate_size=128))
+    with torch.no_grad():
+        hf.transformer.wte.weight[tok.pad_token_id] = 0.0  # DESIGN.md §3: the pad embedding is 0
+    hf.save_pretrained(tmp_path / "hf")
+    got = run_in_process(tmp_path / "run", model__init_from=str(tmp_path / "hf"), train__max_steps=2,
+                         checkpoint__every_steps=2)
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step-2" / "ds_train.json").read_text())
+    assert (meta["model"]["d_model"], meta["model"]["n_layer"], meta["model"]["window_size"]) == (32, 2, 16)
+
+    cfg = load_config(None, overrides(tmp_path / "run"))
+    batch = next(iter(build_dataloader(
+        [cfg.data.source], cfg.data.tokenizer, objective=cfg.objective.name, seq_len=cfg.data.seq_len,
+        micro_batch_size=cfg.train.micro_batch_size, rank=0, world_size=1, seed=cfg.run.seed)))
+    total, count = 0.0, 0
+    hf.eval()
+    with torch.no_grad():
+        for row in range(batch["input_ids"].shape[0]):
+            docs = batch["doc_ids"][row]
+            for doc in docs.unique().tolist():
+                if doc < 0:
+                    continue
+                at = (docs == doc).nonzero().flatten()
+                ids, tgt = batch["input_ids"][row, at], batch["target"][row, at]
+                logp = torch.log_softmax(hf(input_ids=ids[None]).logits[0].double(), dim=-1)
+                picked = logp[:-1].gather(1, ids[1:, None]).squeeze(1)
+                total -= float(picked[tgt[1:]].sum())
+                count += int(tgt[1:].sum())
+    assert got[1] == pytest.approx(total / count, rel=1e-6)
