@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         report("ours", timed(ours, args.steps, args.warmup, device), {"dtype": "bf16 params"})
-        del model, opt
+        model = opt = None  # free the GPU memory before the baselines
     hf_cfg = HFConfig(**{k: v for k, v in hf_config_dict(cfg).items() if k not in ("architectures", "model_type")})
     flops = flops or GPTNeo(cfg).flops_per_token(T)
     code = batch["modality"]
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         report(kind, timed(step, args.steps, args.warmup, device), {"dtype": "fp32 params, bf16 autocast"})
-        del hf, opt
+        hf = opt = None
     by = {r["kind"]: r for r in results}
     if "ours" in by:
         for base in ("original", "hf_plain"):
