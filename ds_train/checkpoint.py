@@ -3,7 +3,12 @@
 Layout (ARCHITECTURE.md): RUN_DIR/checkpoints/step-N/ holds DeepSpeed's files for tag step-N,
 `data_rank{r}.pt` and `rng_rank{r}.pt` for every rank, a `tokenizer/` copy, and `ds_train.json`,
 written by rank 0 only after every rank finished and synced its files: its presence marks a complete
-save. `checkpoints/latest` names the newest complete tag and is replaced atomically after the marker.
+save. The marker lists every file of the tag with its size, so a truncated or missing file is caught at
+start-up (`is_complete`) and the previous complete checkpoint is used instead. `checkpoints/latest` names
+the newest complete tag and is replaced atomically after the marker.
+
+A save that cannot write (full disk, quota, I/O error) raises `CheckpointError` naming the file system
+error and the previous complete checkpoint, which is left as it was.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,30 +91,68 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save(engine, ckpt_dir: Path, step: int, meta: dict[str, Any], data_state: Any,
          tokenizer_dir: Path | None, keep_last: int, rank: int, world_size: int) -> Path:
-    """Collective: every rank calls it at the same step."""
+    """Collective: every rank calls it at the same step.
+
+    Raises:
+        CheckpointError: this rank could not write its part (the older checkpoints are untouched).
+    """
     tag = tag_for(step)
     path = ckpt_dir / tag
-    if rank == 0 and (path / MARKER).exists():
-        (path / MARKER).unlink()  # re-saving a step: never leave a stale marker on half-new files
+    if rank == 0 and path.exists():
+        shutil.rmtree(path)  # re-saving a step (after a resume): no stale marker or files of the old save
     distributed.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
-    torch.save(data_state, path / f"data_rank{rank}.pt")
-    torch.save(rng_state(), path / f"rng_rank{rank}.pt")
+    with _write_errors_reported(ckpt_dir, path, rank):
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+        torch.save(data_state, path / f"data_rank{rank}.pt")
+        torch.save(rng_state(), path / f"rng_rank{rank}.pt")
     distributed.barrier()
     if rank == 0:
-        _fsync_tree(path)  # every rank's files reach the disk before the marker says they did
-        if tokenizer_dir is not None:
-            shutil.copytree(tokenizer_dir, path / "tokenizer", dirs_exist_ok=True)
-        _atomic_write(path / MARKER, json.dumps({**meta, "step": step, "world_size": world_size}, indent=1))
-        _atomic_write(ckpt_dir / "latest", tag)
+        with _write_errors_reported(ckpt_dir, path, rank):
+            _fsync_tree(path)  # every rank's files reach the disk before the marker says they did
+            if tokenizer_dir is not None:
+                shutil.copytree(tokenizer_dir, path / "tokenizer", dirs_exist_ok=True)
+            marker = {**meta, "step": step, "world_size": world_size, "files": _file_sizes(path)}
+            _atomic_write(path / MARKER, json.dumps(marker, indent=1))
+            _atomic_write(ckpt_dir / "latest", tag)
         prune(ckpt_dir, keep_last)
         log.info("checkpoint %s saved", path)
     distributed.barrier()
     return path
 
 
+@contextmanager
+def _write_errors_reported(ckpt_dir: Path, path: Path, rank: int) -> Iterator[None]:
+    """Turn a failed write (torch.save says RuntimeError, the rest OSError) into one CheckpointError line;
+    a collective that failed because another rank is gone passes through (the caller reports it)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        if distributed.is_lost_peer(err):
+            raise
+        raise CheckpointError(_write_failure(ckpt_dir, path, rank, err)) from None
+
+
+def _write_failure(ckpt_dir: Path, path: Path, rank: int, err: BaseException) -> str:
+    """One line: what failed, why, and which checkpoint a restart will use."""
+    reason = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+    try:
+        reason += f"; {shutil.disk_usage(ckpt_dir).free / 2**30:.2f} GiB free there"
+    except OSError:
+        pass
+    previous = find_latest(ckpt_dir, quiet=True)
+    fallback = f"{previous.path} is intact and a restart resumes from it" if previous else "no earlier checkpoint"
+    return f"rank {rank} could not write checkpoint {path} ({reason}); free space or fix the file system: {fallback}"
+
+
+def _file_sizes(path: Path) -> dict[str, int]:
+    """Every file of a tag directory (the marker aside) with its size, for `is_complete`."""
+    return {str(p.relative_to(path)): p.stat().st_size
+            for p in sorted(path.rglob("*")) if p.is_file() and p.name != MARKER}
+
+
 def is_complete(path: Path) -> tuple[bool, str]:
-    """A tag directory is complete when its marker exists and every rank's files are there."""
+    """A tag directory is complete when its marker exists and every file it lists has its recorded size
+    (markers written before sizes were recorded: every rank's files are there and none is empty)."""
     marker = path / MARKER
     if not marker.is_file():
         return False, "no ds_train.json marker (the save did not finish)"
@@ -115,6 +160,8 @@ def is_complete(path: Path) -> tuple[bool, str]:
         meta = json.loads(marker.read_text())
     except (json.JSONDecodeError, OSError) as err:
         return False, f"unreadable marker ({err})"
+    if isinstance(meta.get("files"), dict):
+        return _sizes_match(path, meta["files"])
     world = int(meta.get("world_size", 0))
     for r in range(world):
         for name in (f"data_rank{r}.pt", f"rng_rank{r}.pt"):
@@ -128,6 +175,16 @@ def is_complete(path: Path) -> tuple[bool, str]:
     return True, ""
 
 
+def _sizes_match(path: Path, sizes: dict[str, int]) -> tuple[bool, str]:
+    for name, size in sizes.items():
+        f = path / name
+        if not f.is_file():
+            return False, f"{name} is missing"
+        if f.stat().st_size != size:
+            return False, f"{name} has {f.stat().st_size} bytes, the save wrote {size} (truncated or changed)"
+    return True, ""
+
+
 def list_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
     if not ckpt_dir.is_dir():
         return []
@@ -135,14 +192,15 @@ def list_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out, reverse=True)
 
 
-def find_latest(ckpt_dir: Path) -> Found | None:
-    """The newest complete checkpoint; torn ones are reported and passed over."""
+def find_latest(ckpt_dir: Path, quiet: bool = False) -> Found | None:
+    """The newest complete checkpoint; torn ones are reported (one warning line each) and passed over."""
     for step, path in list_tags(ckpt_dir):
         ok, why = is_complete(path)
         if ok:
             meta = json.loads((path / MARKER).read_text())
             return Found(path.name, step, path, meta)
-        log.warning("checkpoint %s is incomplete and is skipped: %s", path, why)
+        if not quiet:
+            log.warning("checkpoint %s is incomplete and is skipped: %s", path, why)
     return None
 
 
@@ -152,8 +210,9 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def check_compatible(meta: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse a checkpoint whose model shape, separation or tokenizer differs from the run's."""
+def check_compatible(meta: dict[str, Any], current: dict[str, Any], where: str = "the checkpoint") -> None:
+    """Refuse a checkpoint whose model shape, separation, objective or tokenizer differs from the run's:
+    the error has a first line naming the checkpoint, then one line per difference."""
     diffs = []
     for key in ("model", "separation", "objective", "tokenizer_sha"):
         a, b = meta.get(key), current.get(key)
@@ -166,7 +225,8 @@ def check_compatible(meta: dict[str, Any], current: dict[str, Any]) -> None:
         elif a != b:
             diffs.append(f"{key}: checkpoint {_short(a)} vs run {_short(b)}")
     if diffs:
-        raise CheckpointError("the checkpoint does not match this run: " + "; ".join(diffs))
+        head = f"{where} does not match this run (use another run.dir, or checkpoint.resume=false):"
+        raise CheckpointError("\n".join([head, *diffs]))
 
 
 def _short(v: Any) -> str:

@@ -58,6 +58,10 @@ class DataConfig:
     """Dataloader worker processes per rank."""
     drop_overlong: bool = True
     """Drop pairs longer than `seq_len` (counted); False truncates them."""
+    trace_ids: bool = False
+    """Append the `_id`s each rank trained on, one JSON line per step, to RUN_DIR/trace/rank{r}.jsonl
+    (an audit of "every example once per epoch" across kills and resumes; a resumed run re-writes the
+    steps after its checkpoint, so the last line of a step counts)."""
 
 
 @dataclass
@@ -125,6 +129,9 @@ class TrainConfig:
     """Steps between metric reports."""
     nonfinite: str = "stop"
     """What a NaN/inf loss (bf16/fp32) does: `stop` the run, or `skip` the step (counted)."""
+    nonfinite_limit: int = 20
+    """With `nonfinite=skip`: stop the run after this many non-finite batches in a row (the weights
+    themselves are then likely broken, and skipping would only burn through the data)."""
 
 
 @dataclass
@@ -246,6 +253,7 @@ def _value_problems(cfg: Config, has_gpu: bool) -> list[str]:
         need(wanted != "fp16" or has_gpu,
              "fp16 needs a GPU (DeepSpeed refuses fp16 on the CPU): use train.precision=bf16 or fp32")
     need(cfg.train.nonfinite in ("stop", "skip"), f"train.nonfinite={cfg.train.nonfinite!r}: expected stop or skip")
+    need(cfg.train.nonfinite_limit >= 1, f"train.nonfinite_limit={cfg.train.nonfinite_limit}: must be at least 1")
     need(bool(cfg.train.deepspeed), "train.deepspeed: name at least one DeepSpeed JSON file")
     for name in cfg.train.deepspeed:
         path = resolve_ds_file(name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,6 +20,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _REQUIRED = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote worker crash")
 _MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
 
 
@@ -128,3 +130,17 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 def shutdown() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def is_lost_peer(err: BaseException) -> bool:
+    """A collective failed because another rank died or was killed (gloo says so in a plain RuntimeError)."""
+    return isinstance(err, torch.distributed.DistError) or (
+        isinstance(err, RuntimeError) and any(s in str(err) for s in _PEER_GONE))
+
+
+def lost_peer_message(err: BaseException) -> str:
+    """One line for a collective that failed because another rank is gone."""
+    first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+    first = re.sub(r"^\[[^\]]*\] ", "", first).split(" This is typically")[0]  # gloo's source location, advice
+    return (f"rank {os.environ.get('RANK', '?')} lost contact with the other ranks ({first[:160]}); "
+            "stopping: a restart resumes from the last complete checkpoint")

@@ -18,9 +18,10 @@ import logging
 import math
 import signal
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -28,7 +29,6 @@ from ds_train import checkpoint, distributed
 from ds_train.config import (
     Batch,
     Config,
-    ConfigError,
     batch_arithmetic,
     deepspeed_config,
     load_config,
@@ -92,13 +92,22 @@ def main(argv: list[str] | None = None) -> int:
         outcome = Trainer(cfg, dist).run()
     except (ValueError, OSError, LaunchError, checkpoint.CheckpointError, TrainingStopped) as err:
         # Bad configs, data, tokenizers and files (ConfigError is a ValueError): plain lines, no traceback.
-        log.debug("stopping", exc_info=True)
-        for line in str(err).splitlines() or [type(err).__name__]:
-            print(f"ds-train: {line}", file=sys.stderr)
-        return 2
+        return _refuse(str(err).splitlines() or [type(err).__name__], err)
+    except RuntimeError as err:
+        if not distributed.is_lost_peer(err):
+            raise
+        return _refuse([distributed.lost_peer_message(err)], err)
     if dist.is_main and outcome is not None:
         finish(cfg, outcome)
     return 0
+
+
+def _refuse(lines: list[str], err: BaseException) -> int:
+    """Print the reason, one `ds-train:` line each (the traceback only at debug level); exit code 2."""
+    log.debug("stopping", exc_info=err)
+    for line in lines:
+        print(f"ds-train: {line}", file=sys.stderr, flush=True)
+    return 2
 
 
 class Trainer:
@@ -111,6 +120,9 @@ class Trainer:
         self.batch: Batch = batch_arithmetic(cfg.train, dist.world_size)
         self.stop_requested = False
         self.skipped_nonfinite = 0
+        self.nonfinite_in_a_row = 0
+        self.trained_ids: list[dict[str, Any]] = []  # this step's micro batches (data.trace_ids)
+        self.skipped_ids: list[str] = []
 
     # ------------------------------------------------------------------ setup
     def run(self) -> Outcome | None:
@@ -128,6 +140,7 @@ class Trainer:
         try:
             return self._loop(start_step, tokens)
         finally:
+            self.loader.close()  # graceful: the workers ignore SIGTERM
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
@@ -199,7 +212,7 @@ class Trainer:
         found = checkpoint.find_latest(self.ckpt_dir)
         if found is None:
             return 0, 0, None
-        checkpoint.check_compatible(found.meta, self.meta)
+        checkpoint.check_compatible(found.meta, self.meta, where=f"checkpoint {found.path}")
         data_state, meta = checkpoint.load(self.engine, found, self.dist.rank)
         log.info("resumed from %s (step %d)", found.path, found.step)
         return found.step, int(meta.get("tokens_seen", 0)), data_state
@@ -219,7 +232,9 @@ class Trainer:
 
     def _install_signal_handlers(self) -> None:
         def request_stop(signum, _frame):
-            log.warning("signal %s: saving a checkpoint at the end of this step", signal.Signals(signum).name)
+            if not self.stop_requested:
+                log.warning("rank %d: signal %s: saving a checkpoint at the end of this step", self.dist.rank,
+                            signal.Signals(signum).name)
             self.stop_requested = True
 
         signal.signal(signal.SIGTERM, request_stop)
@@ -235,10 +250,13 @@ class Trainer:
         steps_in_interval = 0
         batches = iter(self.loader)
         end = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
+        trace = self._open_trace() if cfg.data.trace_ids else None
         try:
             while step < end:
                 interval_stats += self.train_step(batches, step)
                 step += 1
+                if trace is not None:
+                    self._write_trace(trace, step)
                 steps_in_interval += 1
                 step_tokens = self.batch.global_ * cfg.data.seq_len
                 tokens += step_tokens
@@ -254,12 +272,29 @@ class Trainer:
                 if stop or last or step % cfg.checkpoint.every_steps == 0:
                     saved = self.save(step, tokens)
                 if stop:
-                    log.warning("stopped at step %d after a signal; checkpoint %s", step, saved)
+                    log.warning("rank %d stopped at step %d after a signal; checkpoint %s saved; exiting",
+                                self.dist.rank, step, saved)
                     return Outcome(step, tokens, row, saved, True, self.loader.skip_counts())
         finally:
+            batches.close()
             metrics.close()
+            if trace is not None:
+                trace.close()
             self._report_skips()
         return Outcome(step, tokens, row, saved, False, self.loader.skip_counts())
+
+    def _open_trace(self):
+        """RUN_DIR/trace/rank{r}.jsonl, appended to: a resumed run re-writes the steps after its checkpoint."""
+        folder = self.run_dir / "trace"
+        folder.mkdir(parents=True, exist_ok=True)
+        return open(folder / f"rank{self.dist.rank}.jsonl", "a")
+
+    def _write_trace(self, trace, step: int) -> None:
+        """One line per step: the `_id`s this rank trained on (per micro batch, with its stream consumer)."""
+        line = {"step": step, "rank": self.dist.rank, "ids": [i for b in self.trained_ids for i in b["ids"]],
+                "batches": self.trained_ids, "skipped_ids": self.skipped_ids}
+        trace.write(json.dumps(line) + "\n")
+        trace.flush()
 
     def _report_skips(self) -> None:
         """Bad or overlong input is skipped and counted by the stream; say so on every rank."""
@@ -273,24 +308,28 @@ class Trainer:
         dev = self.dist.device
         stats_sum = torch.zeros(4, device=dev)
         done = 0
+        self.trained_ids, self.skipped_ids = [], []
         while done < self.batch.accum:
             batch = next(batches)
+            ids = [i for row in batch.get("ids", []) for i in row]
             inputs = {k: batch[k].to(dev, non_blocking=True) for k in TENSOR_KEYS if k in batch}
             loss, stats = self.engine(**inputs)
             # fp16: the loss scaler skips overflowing steps itself (counted in engine.skipped_steps).
             if self.precision != "fp16":
                 finite = bool(torch.isfinite(loss).item())
                 if distributed.any_rank(not finite, dev):  # every rank takes the same branch
-                    self._nonfinite(step, batch, finite)
+                    self._nonfinite(step, ids, finite)
+                    self.skipped_ids += ids
                     continue
             self.engine.backward(loss)
             self.engine.step()
             stats_sum += stats.to(dev)
             done += 1
+            self.nonfinite_in_a_row = 0
+            self.trained_ids.append({"consumer": self.loader.consumer, "ids": ids})
         return stats_sum
 
-    def _nonfinite(self, step: int, batch: dict, finite_here: bool) -> None:
-        ids = [i for row in batch.get("ids", []) for i in row]
+    def _nonfinite(self, step: int, ids: list[str], finite_here: bool) -> None:
         where = f"non-finite loss at step {step + 1}"
         if not finite_here:
             where += f" on rank {self.dist.rank}, batch _ids {ids[:8]}{' ...' if len(ids) > 8 else ''}"
@@ -299,7 +338,12 @@ class Trainer:
         if self.cfg.train.nonfinite == "stop":
             raise TrainingStopped(where + "; weights not updated (train.nonfinite=skip skips such batches)")
         self.skipped_nonfinite += 1
+        self.nonfinite_in_a_row += 1
         log.warning("%s: batch skipped (%d so far)", where, self.skipped_nonfinite)
+        if self.nonfinite_in_a_row >= self.cfg.train.nonfinite_limit:
+            raise TrainingStopped(f"{self.nonfinite_in_a_row} non-finite batches in a row up to step {step + 1}: "
+                                  "the weights are likely no longer finite; resume from an earlier checkpoint "
+                                  "with a lower optim.lr")
 
     def _scalars(self) -> dict[str, float]:
         out = {"train/lr": float(self.scheduler.get_last_lr()[0])}

@@ -28,8 +28,11 @@ before it): for long runs on the hub corpus, ``ds-data pack`` it once and train 
 
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
 import os
+import signal
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -173,9 +176,11 @@ class RawRows:
                 for r, e in self.queue
             ],
             "skips": self.skips.as_dict(),
+            "units": list(self.units),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        self._keep_units(state.get("units"))
         self.epoch, self.unit = state["epoch"], state["unit"]
         self.block_start, self.taken = state["block_start"], state["taken"]
         self.docs_this_epoch = state["docs_this_epoch"]
@@ -193,6 +198,17 @@ class RawRows:
         self.skips.update(state["skips"])
         self.packer.skips = self._epoch_skips()
         self._block = None
+
+    def _keep_units(self, saved: list[str] | None) -> None:
+        """A resumed stream reads the files it started with: the positions in the state refer to them.
+        A file gone since is skipped and counted when its turn comes; a new one waits for a new run."""
+        if saved is None or saved == self.units:
+            return
+        gone, new = sorted(set(saved) - set(self.units)), sorted(set(self.units) - set(saved))
+        logger.warning("consumer %d resumes with the %d input files of its checkpoint (now missing: %s; "
+                       "new, not read by this run: %s)", self.consumer, len(saved),
+                       ", ".join(gone) or "none", ", ".join(new) or "none")
+        self.units = list(saved)
 
     # -- rows
     def __iter__(self) -> Iterator[tuple[Row, int]]:
@@ -357,8 +373,29 @@ def _load_rows_state(rows: PackedRows | RawRows, state: dict) -> None:
 # ---------------------------------------------------------------------------------------------- loader
 
 
+_EXIT_HOOK = False
+
+
 def _identity(batch: dict) -> dict:
     return batch
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Dataloader workers ignore SIGTERM/SIGINT: a pre-emption signal sent to the whole process group
+    must reach only the rank's main process, which saves a checkpoint and then shuts the workers down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _kill_workers_at_exit() -> None:
+    """At interpreter exit ``multiprocessing`` stops daemonic children (the workers) with SIGTERM and
+    waits for them; they ignore it, so stop any still running with SIGKILL first (a worker holds nothing
+    to save; torch's SIGCHLD handler, which would call that a failure, is switched off)."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
 
 
 class StreamLoader:
@@ -383,16 +420,26 @@ class StreamLoader:
                 collate_fn=_identity,
                 prefetch_factor=4 if cfg.num_workers else None,
                 persistent_workers=False,
+                worker_init_fn=_ignore_stop_signals,
             )
         self._skips: dict[int, dict[str, int]] = {}
         self.epoch = 0
+        self.consumer = cfg.rank  # consumer (rank x worker) of the last batch
+        global _EXIT_HOOK
+        if cfg.num_workers and not _EXIT_HOOK:  # registered after multiprocessing's own: runs before it
+            _EXIT_HOOK = bool(atexit.register(_kill_workers_at_exit))
 
     def __iter__(self) -> Iterator[dict]:
         for batch in self.loader:
-            consumer = batch.pop("_consumer")
+            consumer = self.consumer = batch.pop("_consumer")
             self._skips[consumer] = batch.pop("_skips")
             self.epoch = batch.pop("_epoch")
             yield batch
+
+    def close(self) -> None:
+        """Stop the workers now. Close the generators of ``iter(self)`` first: the last reference to the
+        dataloader's iterator going away is what sends each worker its stop sentinel and joins it."""
+        self.loader = None
 
     def skip_counts(self) -> dict[str, int]:
         """Skipped records by reason over this rank's workers so far."""
