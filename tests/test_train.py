@@ -222,3 +222,15 @@ def test_init_from_a_transformers_gpt_neo(tmp_path, single_process):
                 total -= float(picked[tgt[1:]].sum())
                 count += int(tgt[1:].sum())
     assert got[1] == pytest.approx(total / count, rel=1e-6)
+
+
+def test_corpus_with_nothing_that_fits_stops_with_one_line(tmp_path, single_process, capsys):
+    """Every pair longer than seq_len: the stream must say so, not loop forever looking for a row."""
+    lines = (ASSETS / "tiny_pairs.jsonl").read_text().splitlines(True)
+    longest = tmp_path / "long.jsonl"
+    longest.write_text("".join(sorted(lines, key=len)[-6:]))
+    assert main(overrides(tmp_path / "run", data__source=str(longest), data__seq_len=64)) == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    err = [line for line in stderr.splitlines() if line.startswith("ds-train:")]
+    assert len(err) == 1 and "every pair is longer than seq_len 64" in err[0] and "too_long=6" in err[0], err

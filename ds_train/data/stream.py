@@ -223,8 +223,10 @@ class RawRows:
                 self._load_block()
             if self.taken < len(self._block):
                 self.taken += 1
-                self.docs_this_epoch += 1
-                return self._block[self.taken - 1]
+                doc = self._block[self.taken - 1]
+                if len(doc) <= self.packer.seq_len or not self.packer.drop_overlong:
+                    self.docs_this_epoch += 1  # a document that will reach a row
+                return doc
             self._advance()
 
     def _advance(self) -> None:
@@ -237,8 +239,9 @@ class RawRows:
         if self.unit == len(self.units):
             if self.docs_this_epoch == 0:
                 raise ValueError(
-                    f"consumer {self.consumer} of {self.consumers} (rank x worker) got no pairs in a whole "
-                    f"epoch: the corpus is too small for this many ranks and workers ({self.skips.report()})"
+                    f"consumer {self.consumer} of {self.consumers} (rank x worker) got no pair that fits in a "
+                    f"whole epoch: the corpus is too small for this many ranks and workers, or every pair is "
+                    f"longer than seq_len {self.packer.seq_len} ({self.skips.report()})"
                 )
             self.epoch, self.unit, self.docs_this_epoch = self.epoch + 1, 0, 0
             self.packer.skips = self._epoch_skips()
