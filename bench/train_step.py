@@ -110,8 +110,6 @@ def build_engine(cfg: GPTNeoConfig, zero: int, micro: int, compile_blocks: bool,
 
 
 def time_engine(engine, batches: list[dict], steps: int, warmup: int) -> tuple[float, list[float]]:
-    losses = []
-
     def step(batch: dict) -> torch.Tensor:
         loss, _ = engine(**batch)
         engine.backward(loss)
@@ -124,8 +122,7 @@ def time_engine(engine, batches: list[dict], steps: int, warmup: int) -> tuple[f
     start = time.perf_counter()
     out = [step(batches[i % len(batches)]) for i in range(steps)]
     torch.cuda.synchronize()
-    losses = [float(x) for x in out]
-    return (time.perf_counter() - start) / steps, losses
+    return (time.perf_counter() - start) / steps, [float(x) for x in out]
 
 
 def measure(args, flavor: str, seq: int, batch: int, compile_blocks: bool, layouts, emit) -> None:

@@ -248,13 +248,10 @@ def _value_problems(cfg: Config, has_gpu: bool) -> list[str]:
     need(cfg.train.log_every > 0, "train.log_every must be positive")
     need(cfg.train.stop_at_step >= 0, "train.stop_at_step must not be negative")
     need(cfg.train.precision in PRECISIONS, f"train.precision={cfg.train.precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if cfg.train.precision in PRECISIONS and not _ds_files_broken(cfg):
-        wanted = resolve_precision(cfg.train, has_gpu, bf16_ok=has_gpu)
-        need(wanted != "fp16" or has_gpu,
-             "fp16 needs a GPU (DeepSpeed refuses fp16 on the CPU): use train.precision=bf16 or fp32")
     need(cfg.train.nonfinite in ("stop", "skip"), f"train.nonfinite={cfg.train.nonfinite!r}: expected stop or skip")
     need(cfg.train.nonfinite_limit >= 1, f"train.nonfinite_limit={cfg.train.nonfinite_limit}: must be at least 1")
     need(bool(cfg.train.deepspeed), "train.deepspeed: name at least one DeepSpeed JSON file")
+    before = len(p)
     for name in cfg.train.deepspeed:
         path = resolve_ds_file(name)
         if not path.is_file():
@@ -264,21 +261,16 @@ def _value_problems(cfg: Config, has_gpu: bool) -> list[str]:
             json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             p.append(f"train.deepspeed: {path} is not valid JSON ({err})")
+    ds_files_ok = len(p) == before
+    if cfg.train.precision in PRECISIONS and ds_files_ok:  # precision `auto` reads the listed files
+        wanted = resolve_precision(cfg.train, has_gpu, bf16_ok=has_gpu)
+        need(wanted != "fp16" or has_gpu,
+             "fp16 needs a GPU (DeepSpeed refuses fp16 on the CPU): use train.precision=bf16 or fp32")
     need(cfg.checkpoint.every_steps > 0, f"checkpoint.every_steps={cfg.checkpoint.every_steps}: must be positive")
     need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be at least 1")
     need(cfg.export.dtype in EXPORT_DTYPES, f"export.dtype={cfg.export.dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
     need(bool(cfg.run.dir), "run.dir must not be empty")
     return p
-
-
-def _ds_files_broken(cfg: Config) -> bool:
-    """True when a listed DeepSpeed file is missing or unreadable (reported on its own)."""
-    for name in cfg.train.deepspeed:
-        try:
-            json.loads(resolve_ds_file(name).read_text())
-        except (OSError, ValueError):
-            return True
-    return False
 
 
 def resolve_ds_file(name: str) -> Path:
