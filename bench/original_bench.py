@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_bench import H100_PEAK_FLOPS, packed_batch  # noqa: E402
+from model_bench import H100_PEAK_FLOPS, packed_batch
 
-from ds_train.model import GPTNeo, GPTNeoConfig, hf_config_dict  # noqa: E402
+from ds_train.model import GPTNeo, GPTNeoConfig, hf_config_dict
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,6 +69,12 @@ def original_mrpt_loss(logits: torch.Tensor, labels: torch.Tensor, code: torch.T
 
 
 def main(argv: list[str] | None = None) -> int:
+    run(argv)
+    return 0
+
+
+def run(argv: list[str] | None = None) -> list[dict]:
+    """Time the asked step kinds; returns their rows (also printed as JSON lines)."""
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from transformers import GPTNeoConfig as HFConfig
@@ -87,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         tps = B * T / seconds
         row = {"kind": kind, "flavor": args.flavor, "batch": B, "seq": T, "step_ms": seconds * 1e3,
                "tokens_per_s": tps, "mfu": tps * flops / H100_PEAK_FLOPS,
-               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0,
+               # net of what was already allocated (earlier measurements in the same process)
+               "peak_mem_gib": (torch.cuda.max_memory_allocated() - base[0]) / 2**30 if device.type == "cuda" else 0.0,
                "device": card, **extra}
         results.append(row)
         line = json.dumps(row)
@@ -98,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     batch = packed_batch(B, T, V, device)
+    base = [torch.cuda.memory_allocated() if device.type == "cuda" else 0]
     if "ours" in kinds:
         model = GPTNeo(cfg).to(device=device, dtype=torch.bfloat16)
         flops = model.flops_per_token(T)
@@ -126,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         if kind not in kinds:
             continue
         hf_cfg.vocab_size = V + S if kind == "original" else V
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            base[0] = torch.cuda.memory_allocated()
         hf = GPTNeoForCausalLM(hf_cfg).to(device)
         opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=device.type == "cuda")
         autocast = torch.autocast(device.type, dtype=torch.bfloat16)
@@ -153,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"ratio": f"ours/{base}",
                                   "speed": by["ours"]["tokens_per_s"] / by[base]["tokens_per_s"],
                                   "memory": by["ours"]["peak_mem_gib"] / max(by[base]["peak_mem_gib"], 1e-9)}))
-    return 0
+    return results
 
 
 if __name__ == "__main__":

@@ -26,13 +26,14 @@ import logging
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ds_train.model import GPTNeo, GPTNeoConfig  # noqa: E402
+from ds_train.model import GPTNeo, GPTNeoConfig
 
 PEAK = 989e12
 HERE = Path(__file__).resolve().parent
@@ -91,73 +92,187 @@ def packed_rows(layouts: list[list[int]], batch: int, seq: int, vocab: int, seed
 
 
 # ------------------------------------------------------------------------------------------ engine
-def build_engine(cfg: GPTNeoConfig, zero: int, micro: int, compile_blocks: bool, seed: int):
+@dataclass(frozen=True)
+class Variant:
+    """What the step does; the defaults are the fast path, `ABLATION` walks there from the old step."""
+
+    name: str = "fast"
+    overlap_comm: bool = False  # DeepSpeed's overlap_comm device-synchronises around every reduction
+    check_grad_overflow: bool = False  # bf16: DeepSpeed's per-parameter inf/nan scan and a host sync
+    cpu_positions: bool = True  # target positions from the CPU batch (no boolean gather on the GPU)
+    fused_rows: bool = True  # compiled fused logsumexp / softmax-gradient kernels in the loss
+    chunk: int = 0  # rows per loss chunk (0: --chunk)
+    whole_stack: bool = True  # compile the 12 blocks as one graph (else each block on its own)
+
+
+ABLATION = (
+    Variant("session-1 step", overlap_comm=True, check_grad_overflow=True, cpu_positions=False, fused_rows=False,
+            whole_stack=False),
+    Variant("+ no overflow scan", overlap_comm=True, cpu_positions=False, fused_rows=False, whole_stack=False),
+    Variant("+ no overlap_comm syncs", cpu_positions=False, fused_rows=False, whole_stack=False),
+    Variant("+ CPU target positions", fused_rows=False, whole_stack=False),
+    Variant("+ fused row kernels", whole_stack=False),
+    Variant("+ one compiled graph for the blocks (fast)"),
+    Variant("fast, chunk 16384", chunk=16384),
+)
+
+
+def build_engine(cfg: GPTNeoConfig, zero: int, micro: int, compile_blocks: bool, seed: int,
+                 variant: Variant = Variant()):
     import deepspeed
 
+    import ds_train.loss
+
+    ds_train.loss.FUSED_ON_CUDA = variant.fused_rows
     torch.manual_seed(seed)
     model = GPTNeo(cfg)
     if compile_blocks:
-        model.compile_blocks()
+        model.compile_blocks(whole=variant.whole_stack)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=torch.cuda.is_available())
     ds_config = {
         "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
-        "gradient_clipping": 1.0, "bf16": {"enabled": True}, "steps_per_print": 10**9,
-        "zero_optimization": {"stage": zero, "overlap_comm": True, "contiguous_gradients": True,
+        "gradient_clipping": 1.0, "steps_per_print": 10**9,
+        "bf16": {"enabled": True, "check_grad_overflow": variant.check_grad_overflow},
+        "zero_optimization": {"stage": zero, "overlap_comm": variant.overlap_comm, "contiguous_gradients": True,
                               "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8},
     }
+    n_params = model.num_params()  # before ZeRO-3 partitions the parameters into placeholders
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+    engine.bench_flops_per_token = lambda seq: 6 * n_params + 12 * cfg.n_layer * cfg.d_model * seq
     return engine
 
 
-def time_engine(engine, batches: list[dict], steps: int, warmup: int) -> tuple[float, list[float]]:
-    def step(batch: dict) -> torch.Tensor:
-        loss, _ = engine(**batch)
-        engine.backward(loss)
-        engine.step()
-        return loss.detach()
+def device_batches(layouts, batch: int, seq: int, vocab: int, seeds, dev, cpu_positions: bool) -> list[dict]:
+    """Packed rows on the GPU; with `cpu_positions`, plus the target positions worked out on the CPU."""
+    from ds_train.loss import target_positions
 
+    out = []
+    for seed in seeds:
+        rows = packed_rows(layouts, batch, seq, vocab, seed)
+        if cpu_positions:
+            rows["target_positions"] = target_positions(rows["target"], rows["doc_ids"])
+        out.append({k: v.to(dev) for k, v in rows.items()})
+    return out
+
+
+def time_engine(engine, batches: list[dict], steps: int, warmup: int) -> tuple[float, list[float]]:
+    """Seconds per step over `steps` steps after `warmup`, and the losses (read after the timing)."""
     for i in range(warmup):
-        step(batches[i % len(batches)])
+        engine_step(engine, batches[i % len(batches)])
     torch.cuda.synchronize()
     start = time.perf_counter()
-    out = [step(batches[i % len(batches)]) for i in range(steps)]
+    out = [engine_step(engine, batches[i % len(batches)]) for i in range(steps)]
     torch.cuda.synchronize()
     return (time.perf_counter() - start) / steps, [float(x) for x in out]
 
 
-def measure(args, flavor: str, seq: int, batch: int, compile_blocks: bool, layouts, emit) -> None:
-    cfg = GPTNeoConfig.from_flavor(flavor, vocab_size=args.vocab, pad_token_id=0, loss_chunk_size=args.chunk,
+def engine_step(engine, batch: dict) -> torch.Tensor:
+    """One optimizer step through the engine; returns the detached loss (no host sync)."""
+    with torch.profiler.record_function("forward"):
+        loss, _ = engine(**batch)
+    with torch.profiler.record_function("backward"):
+        engine.backward(loss)
+    with torch.profiler.record_function("optimizer_step"):
+        engine.step()
+    return loss.detach()
+
+
+def profile_engine(engine, batches: list[dict], steps: int, out_dir: str, emit, tag: str) -> None:
+    """torch.profiler over `steps` steps: GPU busy share, the top kernels, host syncs; trace to out_dir."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for i in range(3):
+        engine_step(engine, batches[i % len(batches)])
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        start = time.perf_counter()
+        for i in range(steps):
+            engine_step(engine, batches[i % len(batches)])
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / steps
+    events = prof.key_averages()
+    kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    syncs = {e.key: e.count for e in events
+             if any(k in e.key for k in ("Synchronize", "aten::item", "aten::_local_scalar_dense", "aten::nonzero"))}
+    phases = {e.key: {"cpu_ms": e.cpu_time_total / 1e3 / steps, "gpu_ms": e.device_time_total / 1e3 / steps}
+              for e in events if e.key in ("forward", "backward", "optimizer_step")}
+    emit({"kind": "profile", "tag": tag, "step_ms": wall * 1e3, "gpu_kernel_ms": kernel_us / 1e3 / steps,
+          "gpu_busy": kernel_us / 1e6 / steps / wall, "syncs_per_step": {k: v / steps for k, v in syncs.items()},
+          "phases": phases})
+    print(events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60), flush=True)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60), flush=True)
+    for e in prof.key_averages(group_by_stack_n=12):  # where the host waits for the device
+        if "Synchronize" in e.key or e.key in ("aten::item", "aten::nonzero"):
+            frames = [f for f in e.stack if "profiler" not in f][:12]
+            print(f"SYNC {e.key} x{e.count / steps:g}/step <- " + " <- ".join(frames), flush=True)
+    if out_dir:
+        import gzip
+
+        trace = Path(out_dir) / f"trace_{tag}.json"
+        prof.export_chrome_trace(str(trace))
+        with open(trace, "rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
+            dst.write(src.read())
+        trace.unlink()
+
+
+def measure(args, flavor: str, seq: int, batch: int, compile_blocks: bool, layouts, emit,
+            variant: Variant = Variant(), profile: bool = False) -> dict:
+    """Time the engine step on every rank (each its own batches); rank 0 emits per-GPU figures."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = GPTNeoConfig.from_flavor(flavor, vocab_size=args.vocab, pad_token_id=0,
+                                   loss_chunk_size=variant.chunk or args.chunk,
                                    separated_ids=tuple(range(1000, 1000 + args.separated)))
-    dev = torch.device("cuda")
-    batches = [{k: v.to(dev) for k, v in packed_rows(layouts, batch, seq, args.vocab, s).items()} for s in range(8)]
+    dev = torch.device("cuda", torch.cuda.current_device())
+    batches = device_batches(layouts, batch, seq, args.vocab, [1000 * rank + s for s in range(8)], dev,
+                             variant.cpu_positions)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    engine = build_engine(cfg, args.zero, batch, compile_blocks, seed=0)
+    before = torch.cuda.memory_allocated()  # the batches, and what earlier measurements left behind
+    engine = build_engine(cfg, args.zero, batch, compile_blocks, seed=0, variant=variant)
     seconds, losses = time_engine(engine, batches, args.steps, args.warmup)
-    tps = batch * seq / seconds
+    stats = torch.tensor([seconds, (torch.cuda.max_memory_allocated() - before) / 2**30], device=dev)
+    dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+    seconds, peak = stats.tolist()
+    tps = batch * seq / seconds  # per GPU
     real = sum(int((b["doc_ids"] >= 0).sum()) for b in batches) / (len(batches) * batch * seq)
-    emit({"kind": "ours_deepspeed", "flavor": flavor, "zero": args.zero, "batch": batch, "seq": seq,
-          "compiled": compile_blocks, "step_ms": seconds * 1e3, "tokens_per_s": tps,
-          "mfu": tps * engine.module.flops_per_token(seq) / PEAK, "non_pad_share": real,
-          "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "last_loss": losses[-1]})
+    emit({"kind": "ours_deepspeed", "variant": variant.name, "flavor": flavor, "zero": args.zero,
+          "world_size": world, "batch": batch, "seq": seq, "compiled": compile_blocks,
+          "loss_chunk": cfg.loss_chunk_size, "step_ms": seconds * 1e3, "tokens_per_s_per_gpu": tps,
+          "tokens_per_s": tps * world, "mfu": tps * engine.bench_flops_per_token(seq) / PEAK,
+          "non_pad_share": real, "peak_mem_gib_per_gpu": peak, "last_loss": losses[-1]})
+    if profile and args.profile and world == 1:
+        profile_engine(engine, batches, 5, args.profile, emit, f"{flavor}_b{batch}_s{seq}")
+    release(engine)
+    return {"tokens_per_s": tps, "peak_mem_gib": peak}
+
+
+def release(engine) -> None:
+    """Give an engine's GPU memory back before the next measurement (hooks hold references)."""
+    import gc
+
+    if hasattr(engine, "destroy"):
+        engine.destroy()
     del engine
+    gc.collect()
     torch.cuda.empty_cache()
 
 
 def loss_curve(args, layouts, emit) -> None:
     """Fast path vs plain path, same seed and batches, N steps: the largest gap in loss."""
     curves = {}
-    for name, backend, compiled in (("fast", "auto", True), ("plain", "sdpa", False)):
+    plain = Variant("plain", cpu_positions=False, fused_rows=False)
+    for name, backend, compiled, variant in (("fast", "auto", True, Variant()), ("plain", "sdpa", False, plain)):
         cfg = GPTNeoConfig.from_flavor(args.flavor, vocab_size=args.vocab, pad_token_id=0,
                                        loss_chunk_size=args.chunk, attention_backend=backend,
                                        separated_ids=tuple(range(1000, 1000 + args.separated)))
-        engine = build_engine(cfg, args.zero, args.batch, compiled, seed=0)
-        dev = engine.device
-        rows = [{k: v.to(dev) for k, v in packed_rows(layouts, args.batch, args.seq, args.vocab, s).items()}
-                for s in range(args.curve)]
+        engine = build_engine(cfg, args.zero, args.batch, compiled, seed=0, variant=variant)
+        rows = device_batches(layouts, args.batch, args.seq, args.vocab, range(args.curve), engine.device,
+                              variant.cpu_positions)
         _, curves[name] = time_engine(engine, rows, args.curve, warmup=0)
-        del engine
-        torch.cuda.empty_cache()
+        del rows
+        release(engine)
     gaps = [abs(a - b) for a, b in zip(curves["fast"], curves["plain"])]
     emit({"kind": "loss_curve", "steps": args.curve, "max_abs_gap": max(gaps), "mean_abs_gap": sum(gaps) / len(gaps),
           "first": [curves["fast"][0], curves["plain"][0]], "last": [curves["fast"][-1], curves["plain"][-1]],
@@ -189,6 +304,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--sweep", action="store_true")
     run.add_argument("--curve", type=int, default=0)
     run.add_argument("--out", default="")
+    run.add_argument("--ablation", action="store_true",
+                     help="first time the step from session 1's settings to the fast path, one change at a time")
+    run.add_argument("--per-block", action="store_true",
+                     help="first time the fast path with each block compiled on its own (the step before it)")
+    run.add_argument("--more-batches", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                     help="also time the fast path at these micro batch sizes, e.g. 32,64")
+    run.add_argument("--profile", default="", metavar="DIR",
+                     help="also profile 5 steps (one GPU): kernel table, GPU busy share, trace_*.json.gz in DIR")
     return p.parse_args(argv)
 
 
@@ -208,28 +331,48 @@ def main(argv: list[str] | None = None) -> int:
     layouts = json.loads(Path(args.layouts).read_text())["docs"]
     card = torch.cuda.get_device_name()
 
+    import torch.distributed as dist
+
+    is_main = dist.get_rank() == 0
+
     def emit(row: dict) -> None:
+        if not is_main:
+            return
         line = json.dumps({**row, "device": card})
         print(line, flush=True)
         if args.out:
             with open(args.out, "a") as f:
                 f.write(line + "\n")
 
-    measure(args, args.flavor, args.seq, args.batch, not args.no_compile, layouts, emit)
+    compiled = not args.no_compile
+    if args.ablation:
+        for variant in ABLATION:
+            measure(args, args.flavor, args.seq, args.batch, compiled, layouts, emit, variant)
+    elif args.per_block:
+        measure(args, args.flavor, args.seq, args.batch, compiled, layouts, emit, ABLATION[4])
+    fast = measure(args, args.flavor, args.seq, args.batch, compiled, layouts, emit, profile=True)
+    if dist.get_world_size() > 1:  # the baselines, sweeps and curve are one-GPU measurements
+        return 0
+    for batch in args.more_batches:
+        measure(args, args.flavor, args.seq, batch, compiled, layouts, emit)
     if args.baselines:
-        from original_bench import main as original
+        from original_bench import run as original
 
-        original(["--only", "original,hf_plain", "--flavor", args.flavor, "--batch", str(args.batch),
-                  "--seq", str(args.seq), "--vocab", str(args.vocab), "--separated", str(args.separated)]
-                 + (["--out", args.out] if args.out else []))
+        rows = original(["--only", "original,hf_plain", "--flavor", args.flavor, "--batch", str(args.batch),
+                         "--seq", str(args.seq), "--vocab", str(args.vocab), "--separated", str(args.separated)]
+                        + (["--out", args.out] if args.out else []))
+        for row in rows:  # the same batch, process and card
+            emit({"kind": "ratio", "of": f"ours_deepspeed/{row['kind']}", "batch": args.batch,
+                  "speed": fast["tokens_per_s"] / row["tokens_per_s"],
+                  "memory": fast["peak_mem_gib"] / row["peak_mem_gib"]})
+    if args.curve:
+        loss_curve(args, layouts, emit)
     if args.sweep:
         tokens = args.batch * args.seq
         for seq in (512, 2048):
-            measure(args, args.flavor, seq, tokens // seq, False, layouts, emit)
+            measure(args, args.flavor, seq, tokens // seq, compiled, layouts, emit)
         for flavor in ("gpt-neo-350m", "gpt-neo-760m"):
-            measure(args, flavor, args.seq, args.batch, False, layouts, emit)
-    if args.curve:
-        loss_curve(args, layouts, emit)
+            measure(args, flavor, args.seq, args.batch, compiled, layouts, emit)
     return 0
 
 

@@ -9,10 +9,16 @@ the newest complete tag and is replaced atomically after the marker.
 
 A save that cannot write (full disk, quota, I/O error) raises `CheckpointError` naming the file system
 error and the previous complete checkpoint, which is left as it was.
+
+A checkpoint written by another number of ranks is loaded through DeepSpeed's universal checkpoint:
+rank 0 converts it once into `step-N/universal/` (reused by later resumes), every rank loads that, and
+the data stream splits the rest of the saved epoch over the new ranks (`ds_train.data.stream.reshape`).
 """
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
 import logging
 import os
@@ -20,7 +26,7 @@ import random
 import re
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +39,8 @@ from ds_train import distributed
 log = logging.getLogger(__name__)
 
 MARKER = "ds_train.json"
+UNIVERSAL = "universal"  # step-N/universal/: DeepSpeed's universal checkpoint of step-N
+UNIVERSAL_DONE = "converted.json"  # written last into universal/: the conversion finished
 TAG_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -234,17 +242,140 @@ def _short(v: Any) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
-def load(engine, found: Found, rank: int) -> tuple[Any, dict[str, Any]]:
-    """Load engine state, then this rank's data and RNG state. Returns (data_state, meta)."""
+def load(engine, found: Found, rank: int, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """Load engine state, then this rank's data and RNG state. Returns (data_state, meta).
+
+    A checkpoint of another world size is resharded (`load_resharded`): the data state returned is
+    then ``{"reshape_from": [every saved rank's data state]}``, which the stream splits over this run.
+    """
     world = int(found.meta.get("world_size", 1))
     if world != torch.distributed.get_world_size():
-        raise CheckpointError(
-            f"checkpoint {found.path} was written by {world} ranks, this run has "
-            f"{torch.distributed.get_world_size()}; convert it with DeepSpeed's universal checkpoint first"
-        )
+        return load_resharded(engine, found, rank, seed)
     load_path, _ = engine.load_checkpoint(str(found.path.parent), tag=found.tag)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {found.path}")
     data_state = torch.load(found.path / f"data_rank{rank}.pt", weights_only=True)
     set_rng_state(torch.load(found.path / f"rng_rank{rank}.pt", weights_only=True))
     return data_state, found.meta
+
+
+def load_resharded(engine, found: Found, rank: int, seed: int) -> tuple[Any, dict[str, Any]]:
+    """Collective: load a checkpoint written by another number of ranks.
+
+    Partitioned optimizer state (ZeRO 1-3, or bf16's) goes through DeepSpeed's universal checkpoint,
+    converted by rank 0 while the others wait; unpartitioned state (ZeRO 0 in fp32) loads as it is.
+    """
+    saved, world = int(found.meta["world_size"]), torch.distributed.get_world_size()
+    log.info("checkpoint %s was written by %d ranks, this run has %d: resharding it from %d to %d ranks",
+             found.path, saved, world, saved, world)
+    if _has_partitioned_optimizer(found.path):
+        _load_universal(engine, found, rank)
+    else:
+        load_path, _ = engine.load_checkpoint(str(found.path.parent), tag=found.tag)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load {found.path}")
+    data_states = [torch.load(found.path / f"data_rank{r}.pt", weights_only=True) for r in range(saved)]
+    rng_file = found.path / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    else:
+        derived = seed_rng(seed, found.step, rank)
+        log.info("rank %d has no saved RNG state in %s (written by %d ranks): RNG seeded with %d, "
+                 "derived from run.seed %d, step %d and the rank", rank, found.path, saved, derived, seed,
+                 found.step)
+    return {"reshape_from": data_states}, found.meta
+
+
+def seed_rng(seed: int, step: int, rank: int) -> int:
+    """Seed python, numpy and torch from (seed, step, rank); returns the seed used."""
+    derived = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+    random.seed(derived)
+    np.random.seed(derived)
+    torch.manual_seed(derived)
+    return derived
+
+
+def _has_partitioned_optimizer(path: Path) -> bool:
+    return any(path.glob("*optim_states.pt"))
+
+
+def _load_universal(engine, found: Found, rank: int) -> None:
+    """Rank 0 converts (or reuses) step-N/universal/, then every rank loads it with `load_universal` on."""
+    failure = ""
+    if rank == 0:
+        try:
+            convert_to_universal(found.path)
+        except CheckpointError as err:
+            failure = str(err)
+    failed = torch.tensor([1.0 if failure else 0.0], device=engine.device)
+    if distributed.all_reduce_sum(failed).item() > 0:  # every rank learns that rank 0 failed
+        raise CheckpointError(failure or f"rank 0 could not convert {found.path} to a universal checkpoint")
+    engine._config.load_universal_checkpoint = True  # read by every load_checkpoint step, not only at init
+    try:
+        load_path, _ = engine.load_checkpoint(str(found.path), tag=UNIVERSAL)
+    except (AssertionError, KeyError, OSError, RuntimeError, ValueError) as err:
+        if distributed.is_lost_peer(err):
+            raise
+        reason = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+        raise CheckpointError(f"DeepSpeed could not load the universal checkpoint {found.path / UNIVERSAL} "
+                              f"({reason}); resume with the number of ranks that wrote it") from None
+    finally:
+        engine._config.load_universal_checkpoint = False
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load the universal checkpoint {found.path / UNIVERSAL}")
+    _repair_optimizer_after_universal_load(engine, found.path / UNIVERSAL)
+
+
+def _repair_optimizer_after_universal_load(engine, universal: Path) -> None:
+    """Undo two slips of DeepSpeed 0.19's ZeRO-3 universal load (harmless elsewhere).
+
+    It gives every parameter group the same `step` tensor, which Adam then advances once per group
+    per step (the second group's bias correction runs a step ahead), and it copies the first group's
+    hyperparameters (weight decay included) onto every group. Each group gets its own step tensor and
+    its saved hyperparameters back.
+    """
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in base.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    if engine.zero_optimization_stage() != 3:
+        return
+    saved = torch.load(universal / "zero" / "optimizer_state.pt", weights_only=False)
+    saved_groups = saved["optimizer_state_dict"]["param_groups"]
+    for group, saved_group in zip(base.param_groups, saved_groups, strict=True):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+
+
+def convert_to_universal(path: Path) -> Path:
+    """DeepSpeed's universal checkpoint of the tag directory ``path``, in ``path/universal/``.
+
+    Converted into a scratch folder and renamed when complete, so an interrupted conversion is redone
+    and a complete one is reused. DeepSpeed's converter output goes to the debug log.
+    """
+    out = path / UNIVERSAL
+    if (out / UNIVERSAL_DONE).is_file():
+        log.info("reusing the universal checkpoint %s", out)
+        return out
+    from deepspeed.checkpoint import ds_to_universal
+
+    scratch = path / f".{UNIVERSAL}.partial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(path), output_folder=str(scratch), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
+    chatter = io.StringIO()
+    try:
+        with redirect_stdout(chatter), redirect_stderr(chatter):
+            ds_to_universal.main(args)
+    except (AssertionError, KeyError, NotImplementedError, OSError, RuntimeError, ValueError) as err:
+        log.debug("ds_to_universal output:\n%s", chatter.getvalue())
+        reason = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+        raise CheckpointError(f"DeepSpeed could not convert {path} to a universal checkpoint ({reason}); "
+                              "resume with the number of ranks that wrote it") from None
+    log.debug("ds_to_universal output:\n%s", chatter.getvalue())
+    (path / "latest_universal").unlink(missing_ok=True)  # the converter names the scratch folder there
+    _atomic_write(scratch / UNIVERSAL_DONE, json.dumps({"from": path.name}))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(scratch, out)
+    log.info("converted %s to DeepSpeed's universal checkpoint %s", path, out)
+    return out

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 _REQUIRED = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote worker crash")
+_PEER_SILENT = ("Timed out waiting", "timed out after", "Timeout waiting")
 _MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
 
 
@@ -87,6 +88,7 @@ def init(timeout_s: float | None = None) -> DistInfo:
             f"world size {os.environ.get('WORLD_SIZE', '?')}): {first}"
         ) from err
     atexit.register(shutdown)
+    _make_control_group()
     info = _info()
     log.info("process group: %s launch, rank %d/%d, local rank %d, %s", form, info.rank, info.world_size,
              info.local_rank, info.device)
@@ -119,11 +121,31 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if `flag` is true on any rank (so all ranks act at the same step)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+_CONTROL_GROUP: list = []
+
+
+def _make_control_group() -> None:
+    """A gloo group for small host-side agreements (stop flags), so they never wait on the GPU queue.
+
+    Every rank calls this once, right after the process group forms (a collective call). With a gloo
+    default group (CPU runs) the default group serves.
+    """
+    if torch.distributed.get_backend() == "gloo":
+        _CONTROL_GROUP[:] = [None]
+    else:
+        _CONTROL_GROUP[:] = [torch.distributed.new_group(backend="gloo")]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (so all ranks act at the same step).
+
+    Agreed over CPU tensors (the control group): no GPU synchronisation.
+    """
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        if not _CONTROL_GROUP:
+            _make_control_group()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=_CONTROL_GROUP[0])
     return bool(t.item() > 0)
 
 
@@ -135,12 +157,16 @@ def shutdown() -> None:
 def is_lost_peer(err: BaseException) -> bool:
     """A collective failed because another rank died or was killed (gloo says so in a plain RuntimeError)."""
     return isinstance(err, torch.distributed.DistError) or (
-        isinstance(err, RuntimeError) and any(s in str(err) for s in _PEER_GONE))
+        isinstance(err, RuntimeError) and any(s in str(err) for s in _PEER_GONE + _PEER_SILENT))
 
 
 def lost_peer_message(err: BaseException) -> str:
     """One line for a collective that failed because another rank is gone."""
     first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
     first = re.sub(r"^\[[^\]]*\] ", "", first).split(" This is typically")[0]  # gloo's source location, advice
+    if any(s in str(err) for s in _PEER_SILENT):  # nobody answered: a dead rank, or a rank that never came
+        return (f"rank {os.environ.get('RANK', '?')} lost contact with the other ranks: a collective timed out "
+                f"({first[:120]}); a rank died, or the nodes disagree on the world size (check that every node "
+                "uses the same hostfile); a restart resumes from the last complete checkpoint")
     return (f"rank {os.environ.get('RANK', '?')} lost contact with the other ranks ({first[:160]}); "
             "stopping: a restart resumes from the last complete checkpoint")

@@ -20,6 +20,8 @@ weight's dtype before its two matmuls (their products are still accumulated in f
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -64,6 +66,43 @@ def _logsumexp_(logits: Tensor) -> Tensor:
     return (row_max + logits.sub_(row_max).exp_().sum(dim=-1, keepdim=True).log_()).squeeze(1)
 
 
+def _softmax_grad_(logits: Tensor, lse: Tensor, g: Tensor, labels: Tensor, dtype: torch.dtype) -> Tensor:
+    """d loss_i / d logit_ij = g_i (softmax_ij - [j == label_i]), in place over the fp32 logits, then cast."""
+    logits.sub_(lse[:, None]).exp_().mul_(g[:, None])
+    logits.scatter_add_(1, labels[:, None], -g[:, None])
+    return logits.to(dtype)
+
+
+def _fused_logsumexp(logits: Tensor) -> Tensor:
+    """The same as `_logsumexp_` without touching its input, as one fused kernel when compiled."""
+    return torch.logsumexp(logits, dim=-1)
+
+
+def _fused_softmax_grad(logits: Tensor, lse: Tensor, g: Tensor, labels: Tensor, dtype: torch.dtype) -> Tensor:
+    """The same as `_softmax_grad_` as one read of the fp32 logits and one write in `dtype` when compiled."""
+    columns = torch.arange(logits.shape[1], device=logits.device)
+    grad = torch.exp(logits - lse[:, None]) * g[:, None]
+    return torch.where(columns[None, :] == labels[:, None], grad - g[:, None], grad).to(dtype)
+
+
+@functools.cache
+def _compiled(fn):
+    """`fn` compiled once per process (row counts vary from batch to batch: dynamic shapes)."""
+    return torch.compile(fn, dynamic=True)
+
+
+def _row_ops(logits: Tensor):
+    """(logsumexp, softmax_grad) for these logits: fused compiled kernels on CUDA, in-place eager ops
+    elsewhere (the CPU path keeps at most two (n, V) buffers alive; the fused one reads them once)."""
+    if logits.is_cuda and FUSED_ON_CUDA:
+        return _compiled(_fused_logsumexp), _compiled(_fused_softmax_grad)
+    return _logsumexp_, _softmax_grad_
+
+
+FUSED_ON_CUDA = True
+"""Switch for the fused row kernels on CUDA (bench/train_step.py times both)."""
+
+
 class ChunkedTiedCrossEntropy(torch.autograd.Function):
     """Per-row cross-entropy -log softmax(view(h W^T))[label], chunk by chunk, with a recomputing backward.
 
@@ -92,7 +131,8 @@ class ChunkedTiedCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + chunk_size)
             logits = view_logits(h[rows].to(operands), table, vocab_size, is_code[rows], separated_ids)
             label_logit = logits.gather(1, labels[rows, None]).squeeze(1)  # (n,)
-            lse[rows] = _logsumexp_(logits)
+            logsumexp, _ = _row_ops(logits)
+            lse[rows] = logsumexp(logits)
             losses[rows] = lse[rows] - label_logit
             del logits  # free this chunk's (n, V) buffer before the next one is allocated
         ctx.save_for_backward(h, weight, labels, is_code, separated_ids, lse)
@@ -113,25 +153,39 @@ class ChunkedTiedCrossEntropy(torch.autograd.Function):
         for start in range(0, h.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             h_c, code_c, g_c = h[rows].to(operands), is_code[rows], grad_losses[rows]
-            # d loss_i / d logit_ij = g_i (softmax_ij - [j == label_i]), computed in place over the logits.
-            grad_logits = view_logits(h_c, table, V, code_c, separated_ids)  # (n, V)
-            grad_logits.sub_(lse[rows, None]).exp_().mul_(g_c[:, None])
-            grad_logits.scatter_add_(1, labels[rows, None], -g_c[:, None])
+            # d loss_i / d logit_ij = g_i (softmax_ij - [j == label_i]), in the operands' dtype.
+            logits = view_logits(h_c, table, V, code_c, separated_ids)  # (n, V)
+            _, softmax_grad = _row_ops(logits)
+            grad_logits = softmax_grad(logits, lse[rows], g_c, labels[rows], operands)  # (n, V)
+            del logits
             grad_h_c = torch.zeros(h_c.shape, dtype=lse.dtype, device=h.device)  # (n, d)
             if separated_ids.numel():
                 # Code rows saw C in the columns of S: route those entries to C and out of E.
                 on_s = grad_logits[:, separated_ids]  # (n, |S|)
                 grad_on_code = torch.where(code_c[:, None], on_s, 0.0)  # (n, |S|)
                 grad_logits[:, separated_ids] = on_s - grad_on_code
-                grad_on_code = grad_on_code.to(operands)
                 grad_code.add_(_mm(grad_on_code.T, h_c))  # (|S|, d)
                 grad_h_c.add_(_mm(grad_on_code, code_table))
-            grad_logits = grad_logits.to(operands)
             grad_h_c.add_(_mm(grad_logits, text_table))
             grad_text.add_(_mm(grad_logits.T, h_c))  # (V, d)
             grad_h[rows] = grad_h_c.to(h.dtype)
             del grad_logits  # free this chunk's (n, V) buffer before the next one is allocated
         return grad_h, grad_table.to(weight.dtype), None, None, None, None, None
+
+
+def target_positions(target: Tensor, doc_ids: Tensor | None = None) -> Tensor:
+    """Flat positions p = b * T + t of the hidden states that predict a counted target (token t + 1).
+
+    Token t + 1 counts iff target[t + 1] and (with doc_ids) it is in the same document as token t.
+    Returns (N,) int64 on the inputs' device. Called on the CPU copy of a batch (the Trainer does),
+    it costs the GPU no host sync; on a GPU tensor the boolean index waits for the device.
+    """
+    T = target.shape[1]
+    counted = target[:, 1:].bool()  # (B, T-1): is token t+1 a target? (0/1 integer flags work too)
+    if doc_ids is not None:
+        counted = counted & (doc_ids[:, 1:] == doc_ids[:, :-1])
+    rows, cols = counted.nonzero(as_tuple=True)
+    return rows * T + cols
 
 
 def modality_loss(
@@ -145,6 +199,7 @@ def modality_loss(
     vocab_size: int,
     chunk_size: int,
     doc_ids: Tensor | None = None,
+    positions: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Mean cross-entropy over target tokens with the tied, modality-relative head.
 
@@ -152,19 +207,21 @@ def modality_loss(
     input_ids, target, modality: (B, T) — token t counts iff target[t], predicted from hidden[t - 1] in
     the view of modality[t] (True = code). A target at row position 0, or whose previous token belongs
     to another document (when doc_ids is given), has no context and is not counted (the data layer
-    never produces one: the first token of a document is never a target).
+    never produces one: the first token of a document is never a target). `positions`, when given,
+    are `target_positions(target, doc_ids)` computed beforehand (on the CPU: no host sync here).
 
     Returns (loss, stats): loss = sum of -log p over targets / number of targets, in fp32 (float64 for
     float64 inputs); stats = detached float32 [code_loss_sum, code_targets, text_loss_sum, text_targets]
     by the modality of the target token. With zero targets the loss is 0 and still part of the graph,
     so backward runs and gives zero gradients.
     """
-    counted = target[:, 1:].bool()  # (B, T-1): is token t+1 a target? (0/1 integer flags work too)
-    if doc_ids is not None:
-        counted = counted & (doc_ids[:, 1:] == doc_ids[:, :-1])
-    h = hidden[:, :-1][counted]  # (N, d): the states that predict a target
-    labels = input_ids[:, 1:][counted]  # (N,)
-    is_code = modality[:, 1:][counted].bool()  # (N,)
+    B, T, d = hidden.shape
+    if positions is None:
+        positions = target_positions(target, doc_ids)
+    positions = positions.to(hidden.device, non_blocking=True)
+    h = hidden.reshape(B * T, d).index_select(0, positions)  # (N, d): the states that predict a target
+    labels = input_ids.reshape(B * T).index_select(0, positions + 1)  # (N,)
+    is_code = modality.reshape(B * T).index_select(0, positions + 1).bool()  # (N,)
     losses = ChunkedTiedCrossEntropy.apply(
         h, weight, labels, is_code, separated_ids, vocab_size, chunk_size
     )  # (N,)

@@ -176,6 +176,18 @@ FLAVORS: dict[str, dict[str, int]] = {
 # ----------------------------------------------------------------------------------------------------
 
 
+def check_batch_ranges(input_ids: Tensor, position_ids: Tensor, vocab_size: int, n_positions: int) -> None:
+    """One-line ValueError for token ids outside [0, vocab_size) or positions outside [0, n_positions)."""
+    if input_ids.numel() == 0:
+        return
+    bounds = torch.stack([input_ids.min(), input_ids.max(), position_ids.min(), position_ids.max()])
+    low_id, high_id, low_pos, high_pos = bounds.tolist()  # one device sync for all four on a GPU
+    if low_id < 0 or high_id >= vocab_size:
+        raise ValueError(f"input_ids must lie in [0, {vocab_size}) (got values from {low_id} to {high_id})")
+    if low_pos < 0 or high_pos >= n_positions:
+        raise ValueError(f"position_ids must lie in [0, {n_positions}) (got values from {low_pos} to {high_pos})")
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention, GPT-Neo style: no bias on q/k/v, bias on out_proj, unscaled scores."""
 
@@ -248,6 +260,7 @@ class GPTNeo(nn.Module):
         route[separated] = V + torch.arange(n_sep)
         self.register_buffer("separated", separated, persistent=False)  # (|S|,): slot -> token id
         self.register_buffer("route", route, persistent=False)  # (V,): token id -> row of a code token
+        self._run_blocks = self._blocks
         self.reset_parameters()
 
     @torch.no_grad()
@@ -274,16 +287,20 @@ class GPTNeo(nn.Module):
         return torch.where(modality.bool(), self.route[input_ids], input_ids)
 
     def _check_ranges(self, input_ids: Tensor, position_ids: Tensor) -> None:
-        """One-line ValueError for token ids outside [0, V) or positions outside [0, n_positions)."""
+        """One-line ValueError for token ids outside [0, V) or positions outside [0, n_positions).
+
+        On a GPU the check is an asynchronous device assert (no host sync in the training step); the
+        Trainer checks each batch on the CPU before it is copied (`check_batch_ranges`), so there it
+        only guards direct callers.
+        """
         if input_ids.numel() == 0:
             return
-        bounds = torch.stack([input_ids.min(), input_ids.max(), position_ids.min(), position_ids.max()])
-        low_id, high_id, low_pos, high_pos = bounds.tolist()  # one device sync for all four
         V, P = self.config.vocab_size, self.config.n_positions
-        if low_id < 0 or high_id >= V:
-            raise ValueError(f"input_ids must lie in [0, {V}) (got values from {low_id} to {high_id})")
-        if low_pos < 0 or high_pos >= P:
-            raise ValueError(f"position_ids must lie in [0, {P}) (got values from {low_pos} to {high_pos})")
+        if input_ids.is_cuda:
+            torch._assert_async(((input_ids >= 0) & (input_ids < V)).all(), "input_ids outside [0, vocab_size)")
+            torch._assert_async(((position_ids >= 0) & (position_ids < P)).all(), "position_ids outside [0, n_positions)")
+            return
+        check_batch_ranges(input_ids, position_ids, V, P)
 
     def hidden_states(
         self,
@@ -303,13 +320,17 @@ class GPTNeo(nn.Module):
         x = self.wte(self.route_ids(input_ids, modality)) + self.wpe(position_ids)  # (B, T, d)
         windows = {block.window for block in self.h}
         masks = build_masks(doc_ids, prefix, windows, self.config.attention_backend)
+        return self.ln_f(self._run_blocks(x, masks))
+
+    def _blocks(self, x: Tensor, masks: dict[int | None, Mask]) -> Tensor:
+        """The transformer blocks in order (one compiled graph after `compile_blocks(whole=True)`)."""
         recompute = self.config.activation_checkpointing and torch.is_grad_enabled()
         for block in self.h:
             if recompute:
                 x = checkpoint(block, x, masks[block.window], use_reentrant=False)
             else:
                 x = block(x, masks[block.window])
-        return self.ln_f(x)
+        return x
 
     def forward(
         self,
@@ -319,11 +340,14 @@ class GPTNeo(nn.Module):
         modality: Tensor | None = None,
         target: Tensor | None = None,
         prefix: Tensor | None = None,
+        target_positions: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """With `target`: (loss, stats) of `ds_train.loss.modality_loss`; without: hidden states (B, T, d).
 
         All arguments are (B, T): input_ids int64, position_ids int64, doc_ids int (padding -1),
-        modality bool (True = code), target bool, prefix bool.
+        modality bool (True = code), target bool, prefix bool; `target_positions` (N,) int64, optional:
+        `ds_train.loss.target_positions(target, doc_ids)` computed on the CPU copy of the batch, which
+        spares the GPU a host sync.
         """
         hidden = self.hidden_states(input_ids, position_ids, doc_ids, modality, prefix)
         if target is None:
@@ -340,6 +364,7 @@ class GPTNeo(nn.Module):
             vocab_size=self.config.vocab_size,
             chunk_size=self.config.loss_chunk_size,
             doc_ids=doc_ids,
+            positions=target_positions,
         )
 
     def logits(
@@ -379,10 +404,17 @@ class GPTNeo(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.d_model * seq_len
 
-    def compile_blocks(self) -> None:
-        """The GPU fast path: torch.compile each block in place (parameter names do not change)."""
-        for block in self.h:
-            block.compile(dynamic=False)
+    def compile_blocks(self, whole: bool = True) -> None:
+        """The GPU fast path: torch.compile the blocks (parameter names do not change).
+
+        `whole`: the block stack as one graph (one launch of compiled code per pass, which matters at
+        this size: the step is bound by host work); else each block on its own.
+        """
+        if whole:
+            self._run_blocks = torch.compile(self._blocks, dynamic=False)
+        else:
+            for block in self.h:
+                block.compile(dynamic=False)
 
     @classmethod
     def from_pretrained_hf(cls, path: str | Path, **config_overrides: Any) -> GPTNeo:

@@ -18,6 +18,7 @@ import logging
 import math
 import signal
 import sys
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,25 @@ def _refuse(lines: list[str], err: BaseException) -> int:
     return 2
 
 
+class _LossCheck:
+    """A micro batch's `isfinite(loss)` on its way to the host: a pinned copy and an event on a GPU."""
+
+    def __init__(self, step: int, ids: list[str], flag: torch.Tensor):
+        self.step, self.ids = step, ids
+        if flag.is_cuda:
+            self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self.host.copy_(flag, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host, self.ready = flag, None
+
+    def finite(self) -> bool:
+        if self.ready is not None:
+            self.ready.synchronize()  # waits for this copy only, not for the work queued after it
+        return bool(self.host)
+
+
 class Trainer:
     """Builds the model, data and engine, then runs the step loop with checkpoints and metrics."""
 
@@ -121,6 +141,7 @@ class Trainer:
         self.stop_requested = False
         self.skipped_nonfinite = 0
         self.nonfinite_in_a_row = 0
+        self.unchecked: deque[_LossCheck] = deque()  # losses whose finiteness is not read back yet
         self.trained_ids: list[dict[str, Any]] = []  # this step's micro batches (data.trace_ids)
         self.skipped_ids: list[str] = []
 
@@ -213,7 +234,9 @@ class Trainer:
         if found is None:
             return 0, 0, None
         checkpoint.check_compatible(found.meta, self.meta, where=f"checkpoint {found.path}")
-        data_state, meta = checkpoint.load(self.engine, found, self.dist.rank)
+        # Another world size: resharded through DeepSpeed's universal checkpoint; the stream splits the
+        # rest of the saved epoch over this run's ranks (see checkpoint.load_resharded).
+        data_state, meta = checkpoint.load(self.engine, found, self.dist.rank, seed=self.cfg.run.seed)
         log.info("resumed from %s (step %d)", found.path, found.step)
         return found.step, int(meta.get("tokens_seen", 0)), data_state
 
@@ -263,13 +286,17 @@ class Trainer:
                 metrics.add_tokens(step_tokens)
                 metrics.advance()
                 last = step == end
-                if step % cfg.train.log_every == 0 or last:
+                log_now = step % cfg.train.log_every == 0 or last
+                save_now = last or step % cfg.checkpoint.every_steps == 0
+                stop = distributed.any_rank(self.stop_requested)
+                # Losses are checked one step late (no host sync), and all of them before a log or save.
+                self._check_finite(keep=0 if (log_now or save_now or stop) else self.batch.accum)
+                if log_now:
                     row = metrics.report(step, distributed.all_reduce_sum(interval_stats.clone()),
                                          self._scalars(), steps_in_interval)
                     interval_stats.zero_()
                     steps_in_interval = 0
-                stop = distributed.any_rank(self.stop_requested, dev)
-                if stop or last or step % cfg.checkpoint.every_steps == 0:
+                if stop or save_now:
                     saved = self.save(step, tokens)
                 if stop:
                     log.warning("rank %d stopped at step %d after a signal; checkpoint %s saved; exiting",
@@ -304,7 +331,12 @@ class Trainer:
                         ", ".join(f"{k}={v}" for k, v in counts.items()))
 
     def train_step(self, batches: Iterator[dict], step: int) -> torch.Tensor:
-        """One optimizer step: `accum` micro batches through forward, backward and engine.step()."""
+        """One optimizer step: `accum` micro batches through forward, backward and engine.step().
+
+        No host synchronisation on a GPU: target positions and id ranges are worked out on the CPU copy
+        of each batch, and the loss's finiteness is read back later (`_check_finite`), except with
+        `train.nonfinite=skip`, which must know before the backward pass whether to skip the batch.
+        """
         dev = self.dist.device
         stats_sum = torch.zeros(4, device=dev)
         done = 0
@@ -312,15 +344,16 @@ class Trainer:
         while done < self.batch.accum:
             batch = next(batches)
             ids = [i for row in batch.get("ids", []) for i in row]
-            inputs = {k: batch[k].to(dev, non_blocking=True) for k in TENSOR_KEYS if k in batch}
-            loss, stats = self.engine(**inputs)
+            loss, stats = self.engine(**self._inputs(batch))
             # fp16: the loss scaler skips overflowing steps itself (counted in engine.skipped_steps).
-            if self.precision != "fp16":
+            if self.precision != "fp16" and self.cfg.train.nonfinite == "skip":
                 finite = bool(torch.isfinite(loss).item())
-                if distributed.any_rank(not finite, dev):  # every rank takes the same branch
+                if distributed.any_rank(not finite):  # every rank takes the same branch
                     self._nonfinite(step, ids, finite)
                     self.skipped_ids += ids
                     continue
+            elif self.precision != "fp16":
+                self.unchecked.append(_LossCheck(step, ids, torch.isfinite(loss.detach())))
             self.engine.backward(loss)
             self.engine.step()
             stats_sum += stats.to(dev)
@@ -329,14 +362,40 @@ class Trainer:
             self.trained_ids.append({"consumer": self.loader.consumer, "ids": ids})
         return stats_sum
 
+    def _inputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The model's inputs on this rank's device, with what needs the values worked out on the CPU."""
+        from ds_train.loss import target_positions
+        from ds_train.model import check_batch_ranges
+
+        check_batch_ranges(batch["input_ids"], batch["position_ids"], self.model_config.vocab_size,
+                           self.model_config.n_positions)
+        dev = self.dist.device
+        inputs = {k: batch[k].to(dev, non_blocking=True) for k in TENSOR_KEYS if k in batch}
+        inputs["target_positions"] = target_positions(batch["target"], batch.get("doc_ids")).to(dev, non_blocking=True)
+        return inputs
+
+    def _check_finite(self, keep: int) -> None:
+        """Read the finiteness of all but the newest `keep` unchecked losses; stop (every rank at the same
+        step) if any rank saw a non-finite one. Each read waits only for its own forward pass."""
+        bad = None
+        while len(self.unchecked) > keep:
+            check = self.unchecked.popleft()
+            if not check.finite() and bad is None:
+                bad = check
+        if distributed.any_rank(bad is not None):
+            where = (f"non-finite loss at step {bad.step + 1} on rank {self.dist.rank}, batch _ids "
+                     f"{bad.ids[:8]}{' ...' if len(bad.ids) > 8 else ''}" if bad is not None else
+                     "non-finite loss on another rank (it names the step and batch)")
+            raise TrainingStopped(where + "; stopped without saving, the last checkpoint precedes it "
+                                  "(train.nonfinite=skip skips such batches)")
+
     def _nonfinite(self, step: int, ids: list[str], finite_here: bool) -> None:
+        """train.nonfinite=skip: count the skipped batch; give up after `nonfinite_limit` in a row."""
         where = f"non-finite loss at step {step + 1}"
         if not finite_here:
             where += f" on rank {self.dist.rank}, batch _ids {ids[:8]}{' ...' if len(ids) > 8 else ''}"
         else:
             where += " on another rank (it names the batch)"
-        if self.cfg.train.nonfinite == "stop":
-            raise TrainingStopped(where + "; weights not updated (train.nonfinite=skip skips such batches)")
         self.skipped_nonfinite += 1
         self.nonfinite_in_a_row += 1
         log.warning("%s: batch skipped (%d so far)", where, self.skipped_nonfinite)

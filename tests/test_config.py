@@ -126,6 +126,14 @@ def test_batch_written_into_deepspeed_config():
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_param"]["device"] == "cpu"
 
 
+def test_one_rank_zero2_drops_overlap_comm_and_bf16_skips_the_overflow_scan():
+    cfg = load_config(None, ["--train.deepspeed=zero2.json"])
+    one, two = (deepspeed_config(cfg, batch_arithmetic(cfg.train, w), "bf16") for w in (1, 2))
+    assert one["zero_optimization"]["overlap_comm"] is False  # nothing to overlap; it syncs the device
+    assert two["zero_optimization"]["overlap_comm"] is True  # as ds_configs/zero2.json says
+    assert one["bf16"] == {"enabled": True, "check_grad_overflow": False}  # our own non-finite check serves
+
+
 def test_precision_resolution_and_fp16_on_cpu():
     assert resolve_precision(TrainConfig(), has_gpu=False, bf16_ok=False) == "fp32"
     assert resolve_precision(TrainConfig(), has_gpu=True, bf16_ok=True) == "bf16"

@@ -381,8 +381,8 @@ def test_nonfinite_loss_stops_naming_step_and_ids(nan_positions_model, corpus, t
     ids = batches[bad][1]
     shown = f"{ids[:8]}{' ...' if len(ids) > 8 else ''}"
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"ds-train: non-finite loss at step {bad + 1} on rank 0, batch _ids {shown}; weights not updated "
-        "(train.nonfinite=skip skips such batches)")
+        f"ds-train: non-finite loss at step {bad + 1} on rank 0, batch _ids {shown}; stopped without saving, "
+        "the last checkpoint precedes it (train.nonfinite=skip skips such batches)")
     assert sorted(losses(tmp_path / "run")) == list(range(1, bad + 1))  # the steps before it were trained
 
 

@@ -246,6 +246,35 @@ def test_packed_loss_and_grads_match_original_method(objective: str, separation:
         assert model.wte.weight.grad[V:].abs().sum() > 0, "code rows must be trained"
 
 
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_gpu_path_row_kernels_and_cpu_positions_match_original_method(objective: str, monkeypatch) -> None:
+    """The loss as the GPU step runs it: fused row kernels (`_fused_logsumexp`, `_fused_softmax_grad`,
+    compiled there, run eagerly here) and target positions worked out beforehand on the CPU."""
+    from ds_train import loss as loss_module
+
+    monkeypatch.setattr(loss_module, "_row_ops",
+                        lambda logits: (loss_module._fused_logsumexp, loss_module._fused_softmax_grad))
+    seed = 100 + OBJECTIVES.index(objective)
+    rng = random.Random(seed)
+    S = separated_set(rng, "partial")
+    docs = [make_doc(rng, objective) for _ in range(6)]
+    model = random_model(S, seed)  # chunks of 7 rows: several, a ragged last one
+    batch = pack(docs)
+    positions = loss_module.target_positions(batch["target"], batch["doc_ids"])
+
+    loss, _ = model(**batch, target_positions=positions)
+    loss.backward()
+
+    params = {name: p.detach().clone().requires_grad_(True) for name, p in model.named_parameters()}
+    token_losses = torch.cat([reference_token_losses(params, model.config, doc)[0] for doc in docs])
+    assert len(positions) == len(token_losses)
+    ref_loss = token_losses.sum() / len(token_losses)
+    ref_grads = torch.autograd.grad(ref_loss, list(params.values()))
+    assert_rel_close(loss.detach(), ref_loss.detach(), what="loss")
+    for (name, param), ref_grad in zip(model.named_parameters(), ref_grads):
+        assert_rel_close(param.grad, ref_grad, what=f"grad of {name}")
+
+
 def test_separated_rows_differ_from_text_rows() -> None:
     """Guard on the fixture: C must not equal E[S], or the code view could not be told apart."""
     model = random_model(tuple(REGULAR[:5]), seed=1)

@@ -17,8 +17,13 @@ and its buffer shuffle loses the buffer on resume):
 Together the consumers cover the stream once per epoch, disjointly; the stream is infinite (the
 epoch counter is in the state), and ``state_dict`` / ``load_state_dict`` resume exactly: a resumed
 loader yields the batches the uninterrupted one would have (with the same settings: the loader
-refuses a state saved with another world size, worker count, seed, ...). Corrupt Code CLM draws
-each document's corruption from (seed, epoch in which its row is batched, ``_id``).
+refuses a single state saved with another world size, worker count, seed, ...). Corrupt Code CLM
+draws each document's corruption from (seed, epoch in which its row is batched, ``_id``).
+
+After a change of ranks or workers, ``reshape`` turns the states of every saved rank into states
+for the new layout: the new consumers share the rest of the saved epoch (what no saved consumer had
+taken), then split later epochs the ordinary way (ARCHITECTURE.md, "Resuming on another number of
+ranks").
 
 Skipped input is counted once: in the first epoch, by the consumer that owns the record (missing
 or broken files by consumer 0). Hub datasets are read through ``datasets`` streaming, every
@@ -39,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ds_train.data.encode import Encoder, check_objective
@@ -119,24 +125,37 @@ class PackedRows:
             row_ix = np.concatenate(
                 [_seed_of(self.cfg.seed, epoch, s).permutation(self.sizes[s]) for s in shard_order]
             )
-            self._order = (
-                epoch,
-                shard_ix[self.consumer :: self.consumers],
-                row_ix[self.consumer :: self.consumers],
-            )
+            plan = self.state.get("plan")
+            if plan is not None and epoch <= _last_epoch(plan):
+                mine = self._reshaped_share(plan, epoch, len(shard_ix))
+            else:
+                mine = slice(self.consumer, None, self.consumers)
+            self._order = (epoch, shard_ix[mine], row_ix[mine])
         return self._order[1], self._order[2]
+
+    def _reshaped_share(self, plan: dict, epoch: int, rows: int) -> np.ndarray:
+        """Mask of the rows of ``epoch`` no saved consumer took and that fall to this consumer."""
+        index = np.arange(rows)
+        old = plan["consumers"]
+        positions = np.array(plan["positions"], dtype=np.int64).reshape(old, 2)
+        owner_epoch, owner_taken = positions[index % old, 0], positions[index % old, 1]
+        taken = (epoch < owner_epoch) | ((epoch == owner_epoch) & (index // old < owner_taken))
+        return ~taken & (_new_owner(index, old, self.consumers) == self.consumer)
 
     def __iter__(self) -> Iterator[tuple[Row, int]]:
         while True:
             epoch = self.state["epoch"]
+            plan = self.state.get("plan")
             shard_ix, row_ix = self._epoch_order(epoch)
-            if len(shard_ix) == 0:
+            if len(shard_ix) == 0 and plan is None:
                 raise ValueError(f"consumer {self.consumer} of {self.consumers} has no packed rows")
             while self.state["taken"] < len(shard_ix):
                 k = self.state["taken"]
                 self.state["taken"] = k + 1
                 yield self.shards[shard_ix[k]].row(int(row_ix[k])), epoch
             self.state = {"epoch": epoch + 1, "taken": 0}
+            if plan is not None and epoch + 1 <= _last_epoch(plan):
+                self.state["plan"] = plan
 
 
 # ---------------------------------------------------------------------------------------------- raw pairs
@@ -161,6 +180,8 @@ class RawRows:
         self._block: list[Doc] | None = None
         self._block_end: int | None = None  # position after the block's last record; None: unit ends
         self._reader: tuple[str, int, Iterator] | None = None  # (unit, next position, iterator)
+        self.plan: dict | None = None  # after a reshape: the saved layout's positions (see `reshape`)
+        self._partial: dict[tuple[int, int, int], set[int]] = {}  # (epoch, unit, old consumer) -> taken
 
     # -- state
     def state_dict(self) -> dict:
@@ -177,6 +198,7 @@ class RawRows:
             ],
             "skips": self.skips.as_dict(),
             "units": list(self.units),
+            **({"plan": self.plan} if self.plan is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -198,6 +220,7 @@ class RawRows:
         self.skips.update(state["skips"])
         self.packer.skips = self._epoch_skips()
         self._block = None
+        self.plan, self._partial = state.get("plan"), {}
 
     def _keep_units(self, saved: list[str] | None) -> None:
         """A resumed stream reads the files it started with: the positions in the state refer to them.
@@ -237,7 +260,7 @@ class RawRows:
             return
         self.unit, self.block_start = self.unit + 1, 0
         if self.unit == len(self.units):
-            if self.docs_this_epoch == 0:
+            if self.docs_this_epoch == 0 and not self._reshaping():
                 raise ValueError(
                     f"consumer {self.consumer} of {self.consumers} (rank x worker) got no pair that fits in a "
                     f"whole epoch: the corpus is too small for this many ranks and workers, or every pair is "
@@ -245,6 +268,8 @@ class RawRows:
                 )
             self.epoch, self.unit, self.docs_this_epoch = self.epoch + 1, 0, 0
             self.packer.skips = self._epoch_skips()
+            if self.plan is not None and not self._reshaping():
+                self.plan, self._partial = None, {}  # the epochs of the saved layout are done
 
     def _epoch_skips(self) -> SkipCounter:
         """Where this epoch's skips are counted: each bad record counts once, in the first epoch."""
@@ -281,7 +306,53 @@ class RawRows:
             yield position, pair
 
     def _keep(self, position: int) -> bool:
+        if self._reshaping():
+            return (_new_owner(position, self.plan["consumers"], self.consumers) == self.consumer
+                    and not self._taken_before(position))
         return position % self.consumers == self.consumer
+
+    # -- after a reshape: the rest of the saved layout's epochs
+    def _reshaping(self) -> bool:
+        return self.plan is not None and self.epoch <= _last_epoch(self.plan)
+
+    def _taken_before(self, position: int) -> bool:
+        """Whether the saved consumer that owned ``position`` (of the current unit) took it already."""
+        old = self.plan["consumers"]
+        epoch, unit, block_start, taken = self.plan["positions"][position % old]
+        if self.epoch != epoch:
+            return self.epoch < epoch
+        if self.unit != unit:
+            return self.unit < unit
+        if position < block_start:
+            return True
+        return taken > 0 and position in self._partial_block(position % old)
+
+    def _partial_block(self, owner: int) -> set[int]:
+        """Positions of the saved consumer ``owner``'s block that it had taken (read again, re-shuffled
+        as it did: the first ``taken`` documents of the shuffled block, plus pairs the encoder skipped)."""
+        key = (self.epoch, self.unit, owner)
+        if key not in self._partial:
+            old = self.plan["consumers"]
+            _, _, block_start, taken = self.plan["positions"][owner]
+            scratch = SkipCounter(quiet=True)  # counted when the saved consumer read the block
+            unit = self._unit_order()[self.unit]
+            records = []
+            for position, pair in iter_unit(unit, scratch, block_start, lambda p: p % old == owner):
+                records.append((position, pair))
+                if len(records) == self.cfg.shuffle_block:
+                    break
+            laid_out = self.encoder.layout([pair for _, pair in records], scratch)
+            kept, skipped, j = [], set(), 0
+            for position, pair in records:  # the encoder keeps the pairs' order, dropping some
+                if j < len(laid_out) and laid_out[j][0] == pair.id:
+                    kept.append(position)
+                    j += 1
+                else:
+                    skipped.add(position)
+            rng = _seed_of(self.cfg.seed, self.epoch, self._unit_order_index(), block_start)
+            order = rng.permutation(len(laid_out))
+            self._partial[key] = skipped | {kept[i] for i in order[:taken]}
+        return self._partial[key]
 
     def _unit_order(self) -> list[str]:
         order = _seed_of(self.cfg.seed, self.epoch).permutation(len(self.units))
@@ -306,6 +377,7 @@ class PackedStream(IterableDataset):
         self.cfg = cfg
         self._rows: PackedRows | RawRows | None = None
         self._pending_state: dict | None = None
+        self._reshaped: dict[int, dict] = {}  # consumer -> its first state after a reshape
 
     def _consumer(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -327,11 +399,12 @@ class PackedStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         rows, spec = self._build()
-        if self._pending_state is not None:
-            _load_rows_state(rows, self._pending_state)
-            self._pending_state = None
-        self._rows = rows
         consumer, _ = self._consumer()
+        state = self._pending_state if self._pending_state is not None else self._reshaped.get(consumer)
+        if state:
+            _load_rows_state(rows, state)
+        self._pending_state, self._reshaped = None, {}
+        self._rows = rows
         batch_rows: list[Row] = []
         epochs: list[int] = []
         for row, epoch in rows:
@@ -352,7 +425,7 @@ class PackedStream(IterableDataset):
 
     def state_dict(self) -> dict:
         if self._rows is None:
-            return dict(self._pending_state or {})
+            return dict(self._pending_state or self._reshaped.get(self._consumer()[0]) or {})
         if isinstance(self._rows, PackedRows):
             return {"packed": dict(self._rows.state)}
         return {"raw": self._rows.state_dict()}
@@ -360,6 +433,10 @@ class PackedStream(IterableDataset):
     def load_state_dict(self, state: dict) -> None:
         self._pending_state = dict(state) if state else None
         self._rows = None
+
+    def start_reshaped(self, states: dict[int, dict]) -> None:
+        """Start each consumer (rank x worker) at its state from `reshape` (workers get it in the dataset)."""
+        self._pending_state, self._rows, self._reshaped = None, None, dict(states)
 
 
 def _load_rows_state(rows: PackedRows | RawRows, state: dict) -> None:
@@ -424,6 +501,7 @@ class StreamLoader:
                 prefetch_factor=4 if cfg.num_workers else None,
                 persistent_workers=False,
                 worker_init_fn=_ignore_stop_signals,
+                pin_memory=torch.cuda.is_available(),  # page-locked batches: the copy to the GPU is asynchronous
             )
         self._skips: dict[int, dict[str, int]] = {}
         self.epoch = 0
@@ -460,6 +538,15 @@ class StreamLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume from this rank's saved state, or from ``{RESHAPE_FROM: [every saved rank's state]}``
+        written by another number of ranks or workers (see `reshape`)."""
+        if RESHAPE_FROM in state:
+            state = reshape(state[RESHAPE_FROM], self.cfg.world_size, self.cfg.num_workers)[self.cfg.rank]
+        if "reshaped" in state:
+            _check_same_stream(state["config"], self.cfg)
+            self.dataset.start_reshaped({int(c): s for c, s in state["reshaped"].items()})
+            self._skips, self.epoch = {}, state["epoch"]
+            return
         if state.get("config") != _fingerprint(self.cfg):
             raise ValueError(
                 "data state was saved with another stream configuration "
@@ -468,6 +555,129 @@ class StreamLoader:
         self.loader.load_state_dict(state["loader"])
         self._skips = {int(k): v for k, v in state.get("skips", {}).items()}
         self.epoch = state.get("epoch", 0)
+
+
+# ---------------------------------------------------------------------------------------------- reshape
+
+RESHAPE_FROM = "reshape_from"
+PER_RANK = ("rank", "world_size", "num_workers", "micro_batch_size")  # what a reshape may change
+
+
+def reshape(saved: list[dict], world_size: int, num_workers: int) -> list[dict]:
+    """Loader states for ``world_size`` ranks x ``num_workers`` workers that finish the epoch of ``saved``
+    (the ``StreamLoader.state_dict()`` of every rank of a run with another layout, by rank).
+
+    The saved consumers' positions say which rows (pre-packed) or records (raw pairs) each had taken in
+    its epoch; the new consumers share the rest of that epoch (of every epoch up to the furthest saved
+    consumer's) between them, record ``p`` going to consumer ``(p // C + p % C) % C'`` (``C`` saved and
+    ``C'`` new consumers), then continue with epochs split the ordinary way. Rows a saved consumer had
+    packed but not yet batched are batched first by consumer ``c % C'``, and its skip counts move with
+    them. Nothing is read here: a new consumer reads again the one block a saved consumer was inside.
+    A saved consumer that had not started (``{}``) counts as having taken nothing.
+
+    Raises:
+        ValueError: the states disagree, or one was saved while an earlier reshape's epoch was still
+            running (resume that run with its own number of ranks until the epoch ends).
+    """
+    if not saved:
+        raise ValueError("no saved data states to reshape")
+    configs = [s.get("config", {}) for s in saved]
+    for rank, config in enumerate(configs):
+        if config.get("rank") != rank or config.get("world_size") != len(saved):
+            raise ValueError(f"saved data state {rank} is rank {config.get('rank')} of "
+                             f"{config.get('world_size')} ranks, not rank {rank} of {len(saved)}")
+        if _shared(config) != _shared(configs[0]):
+            raise ValueError(f"saved data states 0 and {rank} come from different stream settings")
+    old = [c for state in saved for c in _consumer_states(state)]
+    new_count = world_size * max(num_workers, 1)
+    if configs[0].get("packed"):
+        starts = _reshape_packed(old, new_count)
+    else:
+        starts = _reshape_raw(old, new_count)
+    per_rank = max(num_workers, 1)
+    out = []
+    for rank in range(world_size):
+        config = {**configs[0], "rank": rank, "world_size": world_size, "num_workers": num_workers}
+        mine = {c: starts[c] for c in range(rank * per_rank, (rank + 1) * per_rank)}
+        epoch = min(rows["epoch"] for state in mine.values() for rows in state.values())  # {kind: state}
+        out.append({"reshaped": mine, "config": config, "epoch": epoch})
+    return out
+
+
+def _shared(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in PER_RANK}
+
+
+def _check_same_stream(config: dict, cfg: StreamConfig) -> None:
+    here = _fingerprint(cfg)
+    if _shared(config) != _shared(here) or config["rank"] != cfg.rank:
+        raise ValueError(f"data state was saved with another stream configuration ({_shared(config)} != "
+                         f"{_shared(here)}); it cannot resume this one")
+
+
+def _consumer_states(rank_state: dict) -> list[dict]:
+    """The stream states of one saved rank's consumers, by worker (``{}``: had not started)."""
+    loader = rank_state["loader"]
+    workers = int(rank_state["config"]["num_workers"])
+    if workers == 0:
+        return [loader.get("dataset_state") or {}]
+    snapshots = (loader.get("_snapshot") or {}).get("_worker_snapshots") or {}
+    return [(snapshots.get(f"worker_{w}") or {}).get("dataset_state") or {} for w in range(workers)]
+
+
+def _new_owner(position: int | np.ndarray, old: int, new: int) -> int | np.ndarray:
+    """The new consumer of a position left over by ``old`` consumers: each saved consumer's rest of the
+    epoch is dealt over every new consumer in turn."""
+    return (position // old + position % old) % new
+
+
+def _last_epoch(plan: dict) -> int:
+    """The last epoch in which a saved consumer had taken something."""
+    return max(p[0] for p in plan["positions"])
+
+
+def _refuse_nested(state: dict, c: int) -> None:
+    if "plan" in state:
+        raise ValueError(
+            f"saved consumer {c} was still finishing the epoch of an earlier change of ranks (epoch "
+            f"{_last_epoch(state['plan'])}); resume with the saved number of ranks until that epoch ends")
+
+
+def _reshape_packed(old: list[dict], new_count: int) -> list[dict]:
+    states = [s.get("packed", {"epoch": 0, "taken": 0}) for s in old]
+    for c, state in enumerate(states):
+        _refuse_nested(state, c)
+    plan = {"consumers": len(states), "positions": [[s["epoch"], s["taken"]] for s in states]}
+    first = min(s["epoch"] for s in states)
+    return [{"packed": {"epoch": first, "taken": 0, "plan": plan}} for _ in range(new_count)]
+
+
+def _reshape_raw(old: list[dict], new_count: int) -> list[dict]:
+    fresh = {"epoch": 0, "unit": 0, "block_start": 0, "taken": 0, "packer": {"open": []}, "queue": [],
+             "skips": {}}
+    states = [s.get("raw", fresh) for s in old]
+    for c, state in enumerate(states):
+        _refuse_nested(state, c)
+    plan = {"consumers": len(states),
+            "positions": [[s["epoch"], s["unit"], s["block_start"], s["taken"]] for s in states]}
+    first = min(s["epoch"] for s in states)
+    units = next((s["units"] for s in states if "units" in s), None)
+    out = [{"epoch": first, "unit": min(s["unit"] for s in states if s["epoch"] == first), "block_start": 0,
+            "taken": 0, "docs_this_epoch": 0, "packer": {"open": []}, "queue": [], "skips": {}, "plan": plan,
+            **({"units": units} if units is not None else {})} for _ in range(new_count)]
+    for c, state in enumerate(states):
+        heir = out[c % new_count]
+        heir["queue"] += state["queue"] + [_row_entry(d, state["epoch"]) for d in state["packer"]["open"]]
+        total = SkipCounter(heir["skips"])  # every consumer counted the file-level skips: keep consumer 0's
+        total.update({k: v for k, v in state["skips"].items() if c == 0 or k not in FILE_REASONS})
+        heir["skips"] = total.as_dict()
+    return [{"raw": s} for s in out]
+
+
+def _row_entry(docs: list, epoch: int) -> list:
+    """An open row of a saved packer, closed as it is, in the queue format of `RawRows.state_dict`."""
+    row = Row.of([Doc(i, np.array(x, dtype=np.int64), np.array(s, dtype=np.int8)) for i, x, s in docs])
+    return [row.ids, row.input_ids.tolist(), row.segments.tolist(), row.doc_lengths.tolist(), epoch]
 
 
 def _fingerprint(cfg: StreamConfig) -> dict:
