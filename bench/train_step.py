@@ -103,6 +103,7 @@ class Variant:
     fused_rows: bool = True  # compiled fused logsumexp / softmax-gradient kernels in the loss
     chunk: int = 0  # rows per loss chunk (0: --chunk)
     whole_stack: bool = True  # compile the 12 blocks as one graph (else each block on its own)
+    contiguous_gradients: bool = True  # ZeRO-2 copies each gradient into one buffer in its hook
 
 
 ABLATION = (
@@ -114,6 +115,7 @@ ABLATION = (
     Variant("+ fused row kernels", whole_stack=False),
     Variant("+ one compiled graph for the blocks (fast)"),
     Variant("fast, chunk 16384", chunk=16384),
+    Variant("fast, contiguous_gradients off", contiguous_gradients=False),  # bench/host_overhead.py: -5 ms host
 )
 
 
@@ -133,7 +135,8 @@ def build_engine(cfg: GPTNeoConfig, zero: int, micro: int, compile_blocks: bool,
         "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
         "gradient_clipping": 1.0, "steps_per_print": 10**9,
         "bf16": {"enabled": True, "check_grad_overflow": variant.check_grad_overflow},
-        "zero_optimization": {"stage": zero, "overlap_comm": variant.overlap_comm, "contiguous_gradients": True,
+        "zero_optimization": {"stage": zero, "overlap_comm": variant.overlap_comm,
+                              "contiguous_gradients": variant.contiguous_gradients,
                               "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8},
     }
     n_params = model.num_params()  # before ZeRO-3 partitions the parameters into placeholders
