@@ -106,13 +106,16 @@ class Variant:
     contiguous_gradients: bool = True  # ZeRO-2 copies each gradient into one buffer in its hook
 
 
+PER_BLOCK = Variant("+ fused row kernels", whole_stack=False)
+"""The fast path with each block compiled on its own (the ablation step before the one compiled graph)."""
+
 ABLATION = (
     Variant("session-1 step", overlap_comm=True, check_grad_overflow=True, cpu_positions=False, fused_rows=False,
             whole_stack=False),
     Variant("+ no overflow scan", overlap_comm=True, cpu_positions=False, fused_rows=False, whole_stack=False),
     Variant("+ no overlap_comm syncs", cpu_positions=False, fused_rows=False, whole_stack=False),
     Variant("+ CPU target positions", fused_rows=False, whole_stack=False),
-    Variant("+ fused row kernels", whole_stack=False),
+    PER_BLOCK,
     Variant("+ one compiled graph for the blocks (fast)"),
     Variant("fast, chunk 16384", chunk=16384),
     Variant("fast, contiguous_gradients off", contiguous_gradients=False),  # bench/host_overhead.py: -5 ms host
@@ -181,41 +184,62 @@ def engine_step(engine, batch: dict) -> torch.Tensor:
 
 
 def profile_engine(engine, batches: list[dict], steps: int, out_dir: str, emit, tag: str) -> None:
-    """torch.profiler over `steps` steps: GPU busy share, the top kernels, host syncs; trace to out_dir."""
+    """torch.profiler over `steps` steps: GPU kernel time by kind, host time per phase, host syncs.
+
+    The figures are summed from the exported trace (kernel events, and the `record_function` spans of
+    `engine_step` on the host); the trace is kept as out_dir/trace_<tag>.json.gz.
+    """
+    import gzip
+
     from torch.profiler import ProfilerActivity, profile
 
     for i in range(3):
         engine_step(engine, batches[i % len(batches)])
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         for i in range(steps):
             engine_step(engine, batches[i % len(batches)])
         torch.cuda.synchronize()
         wall = (time.perf_counter() - start) / steps
-    events = prof.key_averages()
-    kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    syncs = {e.key: e.count for e in events
+    trace = Path(out_dir) / f"trace_{tag}.json"
+    prof.export_chrome_trace(str(trace))
+    raw = trace.read_bytes()
+    with gzip.open(str(trace) + ".gz", "wb") as dst:
+        dst.write(raw)
+    trace.unlink()
+    events = json.loads(raw)["traceEvents"]
+    kernels = {}
+    for e in events:
+        if e.get("cat") == "kernel":
+            kind = kernel_kind(e["name"])
+            kernels[kind] = kernels.get(kind, 0.0) + e["dur"] / 1e3 / steps
+    host = {}
+    for e in events:
+        if e.get("cat") == "user_annotation" and e["name"] in ("forward", "backward", "optimizer_step"):
+            host[e["name"]] = host.get(e["name"], 0.0) + e["dur"] / 1e3 / steps
+    averages = prof.key_averages()
+    syncs = {e.key: e.count / steps for e in averages
              if any(k in e.key for k in ("Synchronize", "aten::item", "aten::_local_scalar_dense", "aten::nonzero"))}
-    phases = {e.key: {"cpu_ms": e.cpu_time_total / 1e3 / steps, "gpu_ms": e.device_time_total / 1e3 / steps}
-              for e in events if e.key in ("forward", "backward", "optimizer_step")}
-    emit({"kind": "profile", "tag": tag, "step_ms": wall * 1e3, "gpu_kernel_ms": kernel_us / 1e3 / steps,
-          "gpu_busy": kernel_us / 1e6 / steps / wall, "syncs_per_step": {k: v / steps for k, v in syncs.items()},
-          "phases": phases})
-    print(events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60), flush=True)
-    print(events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60), flush=True)
-    for e in prof.key_averages(group_by_stack_n=12):  # where the host waits for the device
-        if "Synchronize" in e.key or e.key in ("aten::item", "aten::nonzero"):
-            frames = [f for f in e.stack if "profiler" not in f][:12]
-            print(f"SYNC {e.key} x{e.count / steps:g}/step <- " + " <- ".join(frames), flush=True)
-    if out_dir:
-        import gzip
+    kernel_ms = sum(kernels.values())
+    emit({"kind": "profile", "tag": tag, "step_ms": wall * 1e3, "gpu_kernel_ms": kernel_ms,
+          "gpu_busy": kernel_ms / (wall * 1e3), "kernel_ms_by_kind": kernels, "host_ms_by_phase": host,
+          "syncs_per_step": syncs})
+    print(averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60), flush=True)
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60), flush=True)
 
-        trace = Path(out_dir) / f"trace_{tag}.json"
-        prof.export_chrome_trace(str(trace))
-        with open(trace, "rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
-            dst.write(src.read())
-        trace.unlink()
+
+def kernel_kind(name: str) -> str:
+    """The group of a CUDA kernel, by its name, for the per-step breakdown."""
+    if "flex_attention" in name:
+        return "attention"
+    if "nvjet" in name or "gemm" in name or "splitK" in name:
+        return "matmul"
+    if "multi_tensor" in name:
+        return "optimizer"
+    if name.startswith("triton"):
+        return "fused (inductor)"
+    return "other element-wise / reduction"
 
 
 def measure(args, flavor: str, seq: int, batch: int, compile_blocks: bool, layouts, emit,
@@ -352,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         for variant in ABLATION:
             measure(args, args.flavor, args.seq, args.batch, compiled, layouts, emit, variant)
     elif args.per_block:
-        measure(args, args.flavor, args.seq, args.batch, compiled, layouts, emit, ABLATION[4])
+        measure(args, args.flavor, args.seq, args.batch, compiled, layouts, emit, PER_BLOCK)
     fast = measure(args, args.flavor, args.seq, args.batch, compiled, layouts, emit, profile=True)
     if dist.get_world_size() > 1:  # the baselines, sweeps and curve are one-GPU measurements
         return 0

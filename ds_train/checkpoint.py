@@ -142,7 +142,7 @@ def _write_errors_reported(ckpt_dir: Path, path: Path, rank: int) -> Iterator[No
 
 def _write_failure(ckpt_dir: Path, path: Path, rank: int, err: BaseException) -> str:
     """One line: what failed, why, and which checkpoint a restart will use."""
-    reason = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+    reason = distributed.first_line(err)
     try:
         reason += f"; {shutil.disk_usage(ckpt_dir).free / 2**30:.2f} GiB free there"
     except OSError:
@@ -307,8 +307,7 @@ def _load_universal(engine, found: Found, rank: int) -> None:
             convert_to_universal(found.path)
         except CheckpointError as err:
             failure = str(err)
-    failed = torch.tensor([1.0 if failure else 0.0], device=engine.device)
-    if distributed.all_reduce_sum(failed).item() > 0:  # every rank learns that rank 0 failed
+    if distributed.any_rank(bool(failure)):  # every rank learns that rank 0 failed
         raise CheckpointError(failure or f"rank 0 could not convert {found.path} to a universal checkpoint")
     engine._config.load_universal_checkpoint = True  # read by every load_checkpoint step, not only at init
     try:
@@ -316,7 +315,7 @@ def _load_universal(engine, found: Found, rank: int) -> None:
     except (AssertionError, KeyError, OSError, RuntimeError, ValueError) as err:
         if distributed.is_lost_peer(err):
             raise
-        reason = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+        reason = distributed.first_line(err)
         raise CheckpointError(f"DeepSpeed could not load the universal checkpoint {found.path / UNIVERSAL} "
                               f"({reason}); resume with the number of ranks that wrote it") from None
     finally:
@@ -369,7 +368,7 @@ def convert_to_universal(path: Path) -> Path:
             ds_to_universal.main(args)
     except (AssertionError, KeyError, NotImplementedError, OSError, RuntimeError, ValueError) as err:
         log.debug("ds_to_universal output:\n%s", chatter.getvalue())
-        reason = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+        reason = distributed.first_line(err)
         raise CheckpointError(f"DeepSpeed could not convert {path} to a universal checkpoint ({reason}); "
                               "resume with the number of ranks that wrote it") from None
     log.debug("ds_to_universal output:\n%s", chatter.getvalue())

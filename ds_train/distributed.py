@@ -79,10 +79,11 @@ def init(timeout_s: float | None = None) -> DistInfo:
         return _info()
     timeout = timedelta(seconds=timeout_s or float(os.environ.get("DS_TRAIN_DIST_TIMEOUT", "900")))
     master = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    _no_shm_allreduce()
     try:
         deepspeed.init_distributed(timeout=timeout, verbose=False)
     except (RuntimeError, ValueError, OSError, TimeoutError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise LaunchError(
             f"could not form the process group ({form} launch, master {master}, "
             f"world size {os.environ.get('WORLD_SIZE', '?')}): {first}"
@@ -93,6 +94,20 @@ def init(timeout_s: float | None = None) -> DistInfo:
     log.info("process group: %s launch, rank %d/%d, local rank %d, %s", form, info.rank, info.world_size,
              info.local_rank, info.device)
     return info
+
+
+def _no_shm_allreduce() -> None:
+    """Keep DeepSpeed's CPU backend from building and mapping its shared-memory all-reduce.
+
+    That op serves DeepSpeed's inference all-reduce only (training collectives go through gloo), yet on
+    every launcher start it JIT-compiles a C++ extension and maps a 66 MB buffer per rank under /dev/shm
+    that it never unlinks: killed or not, each launch leaked memory until the machine ran out.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _info() -> DistInfo:
@@ -160,10 +175,15 @@ def is_lost_peer(err: BaseException) -> bool:
         isinstance(err, RuntimeError) and any(s in str(err) for s in _PEER_GONE + _PEER_SILENT))
 
 
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name when there is none)."""
+    return next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+
+
 def lost_peer_message(err: BaseException) -> str:
     """One line for a collective that failed because another rank is gone."""
-    first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
-    first = re.sub(r"^\[[^\]]*\] ", "", first).split(" This is typically")[0]  # gloo's source location, advice
+    # without gloo's source location and its advice
+    first = re.sub(r"^\[[^\]]*\] ", "", first_line(err)).split(" This is typically")[0]
     if any(s in str(err) for s in _PEER_SILENT):  # nobody answered: a dead rank, or a rank that never came
         return (f"rank {os.environ.get('RANK', '?')} lost contact with the other ranks: a collective timed out "
                 f"({first[:120]}); a rank died, or the nodes disagree on the world size (check that every node "

@@ -293,8 +293,6 @@ class GPTNeo(nn.Module):
         Trainer checks each batch on the CPU before it is copied (`check_batch_ranges`), so there it
         only guards direct callers.
         """
-        if input_ids.numel() == 0:
-            return
         V, P = self.config.vocab_size, self.config.n_positions
         if input_ids.is_cuda:
             torch._assert_async(((input_ids >= 0) & (input_ids < V)).all(), "input_ids outside [0, vocab_size)")

@@ -111,6 +111,11 @@ def _refuse(lines: list[str], err: BaseException) -> int:
     return 2
 
 
+def _shown(ids: list[str]) -> str:
+    """A batch's `_id`s for a message: the first eight, and `...` when there are more."""
+    return f"{ids[:8]}{' ...' if len(ids) > 8 else ''}"
+
+
 class _LossCheck:
     """A micro batch's `isfinite(loss)` on its way to the host: a pinned copy and an event on a GPU."""
 
@@ -383,8 +388,8 @@ class Trainer:
             if not check.finite() and bad is None:
                 bad = check
         if distributed.any_rank(bad is not None):
-            where = (f"non-finite loss at step {bad.step + 1} on rank {self.dist.rank}, batch _ids "
-                     f"{bad.ids[:8]}{' ...' if len(bad.ids) > 8 else ''}" if bad is not None else
+            where = (f"non-finite loss at step {bad.step + 1} on rank {self.dist.rank}, batch _ids {_shown(bad.ids)}"
+                     if bad is not None else
                      "non-finite loss on another rank (it names the step and batch)")
             raise TrainingStopped(where + "; stopped without saving, the last checkpoint precedes it "
                                   "(train.nonfinite=skip skips such batches)")
@@ -393,7 +398,7 @@ class Trainer:
         """train.nonfinite=skip: count the skipped batch; give up after `nonfinite_limit` in a row."""
         where = f"non-finite loss at step {step + 1}"
         if not finite_here:
-            where += f" on rank {self.dist.rank}, batch _ids {ids[:8]}{' ...' if len(ids) > 8 else ''}"
+            where += f" on rank {self.dist.rank}, batch _ids {_shown(ids)}"
         else:
             where += " on another rank (it names the batch)"
         self.skipped_nonfinite += 1

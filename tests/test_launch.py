@@ -4,8 +4,10 @@ bounded failures for a wrong hostfile, node rank, master address or world size."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,14 +46,26 @@ def test_two_nodes_per_node_launch(tmp_path):
     hosts = _hostfile(tmp_path, "node0 slots=1\nnode1 slots=1\n")
     run_dir = tmp_path / "run"
     port = str(free_port())
-    procs = [
-        subprocess.Popen(["bash", "launch/multi_node.sh", *overrides(run_dir, **SETTINGS)], cwd=ROOT,
-                         env=_env(HOSTFILE=str(hosts), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                                  NODE_RANK=str(rank)),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in (0, 1)
-    ]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    # Each node's output goes to a file: with pipes read one after the other, a node that fills its pipe
+    # would block while the other waits for it.
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    with contextlib.ExitStack() as files:
+        procs = [
+            subprocess.Popen(["bash", "launch/multi_node.sh", *overrides(run_dir, **SETTINGS)], cwd=ROOT,
+                             env=_env(HOSTFILE=str(hosts), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                                      NODE_RANK=str(rank)),
+                             stdout=files.enter_context(log.open("w")), stderr=subprocess.STDOUT,
+                             start_new_session=True)
+            for rank, log in enumerate(logs)
+        ]
+        try:
+            for p in procs:
+                p.wait(timeout=600)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+    outs = [log.read_text() for log in logs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     _check_two_rank_run(run_dir)
 

@@ -158,21 +158,27 @@ def test_tensorboard_scalars_read_back(tmp_path, single_process):
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "ds_config.json").is_file()
 
 
-def _launch_two_ranks(run_dir: Path, **extra) -> subprocess.CompletedProcess:
+def _launch_two_ranks(run_dir: Path, port: int | None = None, **extra) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     from ds_train.distributed import free_port
 
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-           str(free_port()), "--module", "ds_train.train", *overrides(run_dir, **extra)]
+           str(port or free_port()), "--module", "ds_train.train", *overrides(run_dir, **extra)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
 def test_world_size_two_matches_plain_pytorch(tmp_path):
+    from ds_train.distributed import free_port
+
     settings = dict(train__max_steps=3, checkpoint__every_steps=3, train__deepspeed="zero2.json")
-    proc = _launch_two_ranks(tmp_path / "run", **settings)
+    port = free_port()
+    proc = _launch_two_ranks(tmp_path / "run", port=port, **settings)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # DeepSpeed's CPU shared-memory all-reduce would leave a 66 MB /dev/shm buffer per rank behind, named
+    # after the master port; the launcher sets LOCAL_SIZE, so it maps them unless ds_train keeps it off.
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     got = losses(tmp_path / "run")
     ref = reference_losses(tmp_path / "run", world_size=2, steps=3, **settings)
     assert [got[s] for s in (1, 2, 3)] == pytest.approx(ref, rel=2e-5)
