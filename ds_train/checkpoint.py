@@ -326,23 +326,30 @@ def _load_universal(engine, found: Found, rank: int) -> None:
 
 
 def _repair_optimizer_after_universal_load(engine, universal: Path) -> None:
-    """Undo two slips of DeepSpeed 0.19's ZeRO-3 universal load (harmless elsewhere).
+    """Undo three slips of DeepSpeed 0.19's universal load.
 
-    It gives every parameter group the same `step` tensor, which Adam then advances once per group
-    per step (the second group's bias correction runs a step ahead), and it copies the first group's
-    hyperparameters (weight decay included) onto every group. Each group gets its own step tensor and
-    its saved hyperparameters back.
+    ZeRO-3: it gives every parameter group the same `step` tensor, which Adam then advances once per
+    group per step (the second group's bias correction runs a step ahead), and it copies the first
+    group's hyperparameters (weight decay included) onto every group; each group gets its own step
+    tensor and its saved hyperparameters back. Every stage: the `step` tensors come from files read
+    onto the CPU, where a fused (or capturable) Adam on a GPU refuses them; they move to their
+    parameter's device, as `torch.optim.Optimizer.load_state_dict` would place them.
     """
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    for state in base.state.values():
+    if engine.zero_optimization_stage() == 3:
+        saved = torch.load(universal / "zero" / "optimizer_state.pt", weights_only=False, mmap=True)
+        saved_groups = saved["optimizer_state_dict"]["param_groups"]
+        for group, saved_group in zip(base.param_groups, saved_groups, strict=True):
+            group.update({k: v for k, v in saved_group.items() if k not in _IMPLEMENTATION_FLAGS})
+    on_device = any(group.get("fused") or group.get("capturable") for group in base.param_groups)
+    for param, state in base.state.items():  # keyed by tensors that need not be the groups' own objects
         if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
-    if engine.zero_optimization_stage() != 3:
-        return
-    saved = torch.load(universal / "zero" / "optimizer_state.pt", weights_only=False)
-    saved_groups = saved["optimizer_state_dict"]["param_groups"]
-    for group, saved_group in zip(base.param_groups, saved_groups, strict=True):
-        group.update({k: v for k, v in saved_group.items() if k != "params"})
+            step = state["step"].clone()
+            state["step"] = step.to(device=param.device, dtype=torch.float32) if on_device else step
+
+
+# How this process's optimizer runs, not what was trained: kept when saved hyperparameters come back.
+_IMPLEMENTATION_FLAGS = ("params", "fused", "foreach", "capturable", "differentiable")
 
 
 def convert_to_universal(path: Path) -> Path:
@@ -366,15 +373,17 @@ def convert_to_universal(path: Path) -> Path:
     try:
         with redirect_stdout(chatter), redirect_stderr(chatter):
             ds_to_universal.main(args)
-    except (AssertionError, KeyError, NotImplementedError, OSError, RuntimeError, ValueError) as err:
+        (path / "latest_universal").unlink(missing_ok=True)  # the converter names the scratch folder there
+        _fsync_tree(scratch)  # the marker must never stand beside torn files
+        _atomic_write(scratch / UNIVERSAL_DONE, json.dumps({"from": path.name}))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(scratch, out)
+    except Exception as err:  # noqa: BLE001 - the converter raises anything, unpickling errors included
         log.debug("ds_to_universal output:\n%s", chatter.getvalue())
+        shutil.rmtree(scratch, ignore_errors=True)
         reason = distributed.first_line(err)
         raise CheckpointError(f"DeepSpeed could not convert {path} to a universal checkpoint ({reason}); "
                               "resume with the number of ranks that wrote it") from None
     log.debug("ds_to_universal output:\n%s", chatter.getvalue())
-    (path / "latest_universal").unlink(missing_ok=True)  # the converter names the scratch folder there
-    _atomic_write(scratch / UNIVERSAL_DONE, json.dumps({"from": path.name}))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(scratch, out)
     log.info("converted %s to DeepSpeed's universal checkpoint %s", path, out)
     return out

@@ -77,13 +77,20 @@ def init(timeout_s: float | None = None) -> DistInfo:
     form = _launch_env()
     if torch.distributed.is_initialized():  # a second run in the same process (tests, notebooks)
         return _info()
-    timeout = timedelta(seconds=timeout_s or float(os.environ.get("DS_TRAIN_DIST_TIMEOUT", "900")))
-    master = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    if timeout_s is None:
+        raw = os.environ.get("DS_TRAIN_DIST_TIMEOUT", "900")
+        try:
+            timeout_s = float(raw)
+        except ValueError:
+            raise LaunchError(f"DS_TRAIN_DIST_TIMEOUT={raw!r} is not a number of seconds") from None
+    timeout = timedelta(seconds=timeout_s)
     _no_shm_allreduce()
     try:
         deepspeed.init_distributed(timeout=timeout, verbose=False)
     except (RuntimeError, ValueError, OSError, TimeoutError) as err:
         first = first_line(err)
+        # read here: under mpirun, DeepSpeed's discovery has only now set them
+        master = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         raise LaunchError(
             f"could not form the process group ({form} launch, master {master}, "
             f"world size {os.environ.get('WORLD_SIZE', '?')}): {first}"

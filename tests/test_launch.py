@@ -119,3 +119,13 @@ def test_world_size_that_cannot_split_the_batch(tmp_path):
     proc = _launch_two_ranks(tmp_path / "run", train__global_batch_size=3, train__max_steps=1)
     assert proc.returncode != 0
     assert "train.global_batch_size=3 is not a multiple of micro_batch_size x world size" in proc.stderr
+
+
+def test_unreadable_collective_timeout_is_named(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ds_train.train", *overrides(tmp_path / "run", **SETTINGS)],
+                          cwd=ROOT, env=_env(DS_TRAIN_DIST_TIMEOUT="soon"), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("ds-train:")]
+    assert lines == ["ds-train: DS_TRAIN_DIST_TIMEOUT='soon' is not a number of seconds"], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

@@ -418,3 +418,14 @@ def test_resharding_refuses_mismatched_states_and_unconvertible_checkpoints(tmp_
     head = f"DeepSpeed could not convert {tmp_path / 'step-3'} to a universal checkpoint ("
     assert str(err.value).startswith(head)
     assert "\n" not in str(err.value) and not (tmp_path / "step-3" / "universal").exists()
+    # Files of the right names that do not unpickle: still one line, and no scratch folder left behind.
+    torn = tmp_path / "step-4"
+    torn.mkdir()
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        (torn / name).write_bytes(b"\x80\x02not a pickle" * 64)
+    with pytest.raises(CheckpointError) as err:
+        convert_to_universal(torn)
+    assert str(err.value).startswith(f"DeepSpeed could not convert {torn} to a universal checkpoint (")
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in torn.iterdir()) == ["mp_rank_00_model_states.pt",
+                                                      "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
