@@ -248,6 +248,11 @@ def load(engine, found: Found, rank: int, seed: int = 0) -> tuple[Any, dict[str,
     A checkpoint of another world size is resharded (`load_resharded`): the data state returned is
     then ``{"reshape_from": [every saved rank's data state]}``, which the stream splits over this run.
     """
+    stage, ours = found.meta.get("zero_stage"), engine.zero_optimization_stage()
+    if stage is not None and stage != ours:  # DeepSpeed 0.19 loads neither the files nor their universal form
+        raise CheckpointError(
+            f"{found.path} was written with ZeRO stage {stage}, this run uses stage {ours}: resume with stage "
+            f"{stage}, or start a new run from its export (ds-export, then model.init_from)")
     world = int(found.meta.get("world_size", 1))
     if world != torch.distributed.get_world_size():
         return load_resharded(engine, found, rank, seed)

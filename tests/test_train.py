@@ -240,3 +240,15 @@ def test_corpus_with_nothing_that_fits_stops_with_one_line(tmp_path, single_proc
     assert "Traceback" not in stderr
     err = [line for line in stderr.splitlines() if line.startswith("ds-train:")]
     assert len(err) == 1 and "every pair is longer than seq_len 64" in err[0] and "too_long=6" in err[0], err
+
+
+def test_resume_under_another_zero_stage_is_refused_in_one_line(tmp_path, single_process, capsys):
+    """DeepSpeed 0.19 can load a checkpoint neither directly nor through its universal form under another
+    ZeRO stage (it fails on an assertion deep inside): the run must refuse with one line that says how."""
+    run_in_process(tmp_path / "run", train__deepspeed="zero2.json", train__max_steps=2, checkpoint__every_steps=2)
+    capsys.readouterr()
+    assert main(overrides(tmp_path / "run", train__deepspeed="zero3.json", train__max_steps=4)) == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    err = [line for line in stderr.splitlines() if line.startswith("ds-train:")]
+    assert len(err) == 1 and "was written with ZeRO stage 2, this run uses stage 3" in err[0], err
