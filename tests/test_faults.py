@@ -84,12 +84,37 @@ def _start_two_ranks(run_dir: Path, **extra) -> subprocess.Popen:
 
 def _finish(proc: subprocess.Popen, timeout: float = 120) -> str:
     """The job's output once every process holding its pipe has ended; a job still running after
-    `timeout` seconds is a hang: its process group is killed and the test fails."""
+    `timeout` seconds is a hang: `proc`, every process below it and their process groups are killed (a
+    supervised job runs in a session of its own, out of reach of `proc`'s group) and the test fails."""
     try:
         return proc.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError(f"the job did not end within {timeout} s: {proc.communicate()[0][-3000:]}") from None
+        pass
+    try:  # listed before any kill: a killed parent's children move to init, out of this tree
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    groups = {proc.pid}  # their groups too: the job's own session, a process forked after the listing
+    for p in tree:
+        try:
+            groups.add(os.getpgid(p.pid))
+        except ProcessLookupError:
+            pass
+    for pgid in groups - {os.getpgrp()}:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for p in tree:  # `proc` itself in the caller's group, one that made a group of its own
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    try:
+        out = proc.communicate(timeout=10)[0]
+    except subprocess.TimeoutExpired:  # a process outside the tree still holds the pipe: don't block on it
+        out = "(output not read: the pipe is still held open)"
+    raise AssertionError(f"the job did not end within {timeout} s: {out[-3000:]}")
 
 
 def _trace_lines(run_dir: Path, rank: int) -> list[dict]:
@@ -104,9 +129,12 @@ def _wait_for_step(proc: subprocess.Popen, run_dir: Path, rank: int, step: int, 
     while time.monotonic() < deadline:
         if any(rec["step"] >= step for rec in _trace_lines(run_dir, rank)[seen_before:]):
             return
-        assert proc.poll() is None, f"the run ended before step {step}: {_finish(proc)[-3000:]}"
+        assert proc.poll() is None, f"the run ended before step {step}: {_finish(proc, timeout=60)[-3000:]}"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        _finish(proc, timeout=0)  # kills the run's whole process tree
+    except AssertionError as e:
+        raise AssertionError(f"rank {rank} did not reach step {step}; {e}") from None
     raise AssertionError(f"rank {rank} did not reach step {step}")
 
 
