@@ -134,7 +134,7 @@ mpi_from_wheels() {
     "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/mpi/mpi4py-*.whl \
       || say "the carried mpi4py wheel did not install; trying the image's mpi4py"
   fi
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  [[ ":${PYTHONPATH:-}:" == *:/tmp/site:* ]] || export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 }
 
 setup() {

@@ -330,6 +330,11 @@ def _load_universal(engine, found: Found, rank: int) -> None:
     _repair_optimizer_after_universal_load(engine, found.path / UNIVERSAL)
 
 
+# A group's own parameters and how this process's optimizer runs, not what was trained: kept when the
+# saved hyperparameters come back.
+_KEPT_GROUP_KEYS = ("params", "fused", "foreach", "capturable", "differentiable")
+
+
 def _repair_optimizer_after_universal_load(engine, universal: Path) -> None:
     """Undo three slips of DeepSpeed 0.19's universal load.
 
@@ -345,16 +350,12 @@ def _repair_optimizer_after_universal_load(engine, universal: Path) -> None:
         saved = torch.load(universal / "zero" / "optimizer_state.pt", weights_only=False, mmap=True)
         saved_groups = saved["optimizer_state_dict"]["param_groups"]
         for group, saved_group in zip(base.param_groups, saved_groups, strict=True):
-            group.update({k: v for k, v in saved_group.items() if k not in _IMPLEMENTATION_FLAGS})
+            group.update({k: v for k, v in saved_group.items() if k not in _KEPT_GROUP_KEYS})
     on_device = any(group.get("fused") or group.get("capturable") for group in base.param_groups)
     for param, state in base.state.items():  # keyed by tensors that need not be the groups' own objects
         if torch.is_tensor(state.get("step")):
             step = state["step"].clone()
             state["step"] = step.to(device=param.device, dtype=torch.float32) if on_device else step
-
-
-# How this process's optimizer runs, not what was trained: kept when saved hyperparameters come back.
-_IMPLEMENTATION_FLAGS = ("params", "fused", "foreach", "capturable", "differentiable")
 
 
 def convert_to_universal(path: Path) -> Path:
