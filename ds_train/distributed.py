@@ -8,6 +8,7 @@ through mpi4py, done by DeepSpeed), SLURM `srun` (SLURM_* mapped here), or a pla
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import os
 import re
@@ -172,7 +173,14 @@ def any_rank(flag: bool) -> bool:
 
 
 def shutdown() -> None:
+    """Tear the process groups down while the interpreter is whole (registered at exit by `init`).
+
+    Engines keep groups and pending collective handles in reference cycles; collected here, their gloo
+    work is released now rather than during interpreter finalization, where a gloo thread torn down late
+    can abort the process.
+    """
     if torch.distributed.is_initialized():
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 
