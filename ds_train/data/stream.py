@@ -181,7 +181,7 @@ class RawRows:
         self._block_end: int | None = None  # position after the block's last record; None: unit ends
         self._reader: tuple[str, int, Iterator] | None = None  # (unit, next position, iterator)
         self.plan: dict | None = None  # after a reshape: the saved layout's positions (see `reshape`)
-        self._partial: dict[tuple[int, int, int], set[int]] = {}  # (epoch, unit, old consumer) -> taken
+        self._partial: dict[tuple[int, int, int], tuple[int | None, set[int]]] = {}  # see _partial_block
 
     # -- state
     def state_dict(self) -> dict:
@@ -325,11 +325,16 @@ class RawRows:
             return self.unit < unit
         if position < block_start:
             return True
-        return taken > 0 and position in self._partial_block(position % old)
+        if taken == 0:  # the saved consumer had not read its block yet
+            return False
+        end, untaken = self._partial_block(position % old)
+        return (end is None or position < end) and position not in untaken
 
-    def _partial_block(self, owner: int) -> set[int]:
-        """Positions of the saved consumer ``owner``'s block that it had taken (read again, re-shuffled
-        as it did: the first ``taken`` documents of the shuffled block, plus pairs the encoder skipped)."""
+    def _partial_block(self, owner: int) -> tuple[int | None, set[int]]:
+        """The end of the saved consumer ``owner``'s block (None: the unit's end) and the positions in it
+        that it had not taken. Read again and re-shuffled as it did: it had taken the first ``taken``
+        documents of the shuffled block; the records it found bad or the encoder skipped it had counted
+        when it read the block, so they count as taken too (each bad record is counted once)."""
         key = (self.epoch, self.unit, owner)
         if key not in self._partial:
             old = self.plan["consumers"]
@@ -342,16 +347,15 @@ class RawRows:
                 if len(records) == self.cfg.shuffle_block:
                     break
             laid_out = self.encoder.layout([pair for _, pair in records], scratch)
-            kept, skipped, j = [], set(), 0
+            kept, j = [], 0
             for position, pair in records:  # the encoder keeps the pairs' order, dropping some
                 if j < len(laid_out) and laid_out[j][0] == pair.id:
                     kept.append(position)
                     j += 1
-                else:
-                    skipped.add(position)
             rng = _seed_of(self.cfg.seed, self.epoch, self._unit_order_index(), block_start)
             order = rng.permutation(len(laid_out))
-            self._partial[key] = skipped | {kept[i] for i in order[:taken]}
+            end = records[-1][0] + 1 if len(records) == self.cfg.shuffle_block else None
+            self._partial[key] = (end, {kept[i] for i in order[taken:]})
         return self._partial[key]
 
     def _unit_order(self) -> list[str]:
@@ -536,6 +540,14 @@ class StreamLoader:
             "epoch": self.epoch,
             "config": _fingerprint(self.cfg),
         }
+
+    def needs_reshape(self, state: dict) -> bool:
+        """Whether this rank's saved state comes from the same ranks with another number of workers or
+        another micro batch: the consumers changed, so it resumes from every rank's state (`reshape`)."""
+        saved = state.get("config") or {}
+        here = _fingerprint(self.cfg)
+        return ("loader" in state and saved != here and _shared(saved) == _shared(here)
+                and saved.get("world_size") == here["world_size"])
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from this rank's saved state, or from ``{RESHAPE_FROM: [every saved rank's state]}``
