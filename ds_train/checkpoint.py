@@ -279,7 +279,7 @@ def load_resharded(engine, found: Found, rank: int, seed: int) -> tuple[Any, dic
         load_path, _ = engine.load_checkpoint(str(found.path.parent), tag=found.tag)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {found.path}")
-    data_states = [torch.load(found.path / f"data_rank{r}.pt", weights_only=True) for r in range(saved)]
+    data_states = saved_data_states(found)
     rng_file = found.path / f"rng_rank{rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
@@ -289,6 +289,12 @@ def load_resharded(engine, found: Found, rank: int, seed: int) -> tuple[Any, dic
                  "derived from run.seed %d, step %d and the rank", rank, found.path, saved, derived, seed,
                  found.step)
     return {"reshape_from": data_states}, found.meta
+
+
+def saved_data_states(found: Found) -> list[dict]:
+    """Every saved rank's data state, by rank (for `ds_train.data.stream.reshape`)."""
+    return [torch.load(found.path / f"data_rank{r}.pt", weights_only=True)
+            for r in range(int(found.meta.get("world_size", 1)))]
 
 
 def seed_rng(seed: int, step: int, rank: int) -> int:
@@ -305,14 +311,18 @@ def _has_partitioned_optimizer(path: Path) -> bool:
 
 
 def _load_universal(engine, found: Found, rank: int) -> None:
-    """Rank 0 converts (or reuses) step-N/universal/, then every rank loads it with `load_universal` on."""
+    """Rank 0 converts (or reuses) step-N/universal/, then every rank loads it with `load_universal` on.
+
+    The others wait up to `DS_TRAIN_CONVERT_TIMEOUT` seconds (default 7200): converting a large model's
+    checkpoint on a network file system can outlast the process group's timeout."""
     failure = ""
+    wait_s = distributed.seconds_from_env("DS_TRAIN_CONVERT_TIMEOUT", 7200)
     if rank == 0:
         try:
             convert_to_universal(found.path)
         except CheckpointError as err:
             failure = str(err)
-    if distributed.any_rank(bool(failure)):  # every rank learns that rank 0 failed
+    if distributed.any_rank_after_long_work(bool(failure), wait_s):  # every rank learns that rank 0 failed
         raise CheckpointError(failure or f"rank 0 could not convert {found.path} to a universal checkpoint")
     engine._config.load_universal_checkpoint = True  # read by every load_checkpoint step, not only at init
     try:

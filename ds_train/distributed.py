@@ -79,11 +79,7 @@ def init(timeout_s: float | None = None) -> DistInfo:
     if torch.distributed.is_initialized():  # a second run in the same process (tests, notebooks)
         return _info()
     if timeout_s is None:
-        raw = os.environ.get("DS_TRAIN_DIST_TIMEOUT", "900")
-        try:
-            timeout_s = float(raw)
-        except ValueError:
-            raise LaunchError(f"DS_TRAIN_DIST_TIMEOUT={raw!r} is not a number of seconds") from None
+        timeout_s = seconds_from_env("DS_TRAIN_DIST_TIMEOUT", 900)
     timeout = timedelta(seconds=timeout_s)
     _no_shm_allreduce()
     try:
@@ -102,6 +98,17 @@ def init(timeout_s: float | None = None) -> DistInfo:
     log.info("process group: %s launch, rank %d/%d, local rank %d, %s", form, info.rank, info.world_size,
              info.local_rank, info.device)
     return info
+
+
+def seconds_from_env(name: str, default: float) -> float:
+    raw = os.environ.get(name, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise LaunchError(f"{name}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise LaunchError(f"{name}={raw!r}: the timeout must be a positive number of seconds")
+    return value
 
 
 def _no_shm_allreduce() -> None:
@@ -169,6 +176,19 @@ def any_rank(flag: bool) -> bool:
         if not _CONTROL_GROUP:
             _make_control_group()
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=_CONTROL_GROUP[0])
+    return bool(t.item() > 0)
+
+
+def any_rank_after_long_work(flag: bool, timeout_s: float) -> bool:
+    """`any_rank` for an agreement some ranks reach only after long work of one rank (rank 0 converting
+    a checkpoint): over a gloo group of its own whose timeout is ``timeout_s``, so the ranks that wait
+    are not cut off by the process group's timeout (300 s in the multi-node scripts). Collective: every
+    rank calls it at the same point (forming the group is collective too)."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
+        torch.distributed.destroy_process_group(group)
     return bool(t.item() > 0)
 
 

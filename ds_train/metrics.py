@@ -60,7 +60,7 @@ class Metrics:
         from tqdm.auto import tqdm
 
         self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the run, closed by close())
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def add_tokens(self, n: int) -> None:

@@ -242,11 +242,12 @@ class Trainer:
         # Another world size: resharded through DeepSpeed's universal checkpoint; the stream splits the
         # rest of the saved epoch over this run's ranks (see checkpoint.load_resharded).
         data_state, meta = checkpoint.load(self.engine, found, self.dist.rank, seed=self.cfg.run.seed)
+        self.resumed_from = found
         log.info("resumed from %s (step %d)", found.path, found.step)
         return found.step, int(meta.get("tokens_seen", 0)), data_state
 
     def _dataloader(self, state: Any):
-        from ds_train.data.stream import build_dataloader
+        from ds_train.data.stream import RESHAPE_FROM, build_dataloader
 
         loader = build_dataloader(
             self.prepared.sources, self.prepared.tokenizer_dir, objective=self.cfg.objective.name,
@@ -254,6 +255,12 @@ class Trainer:
             world_size=self.dist.world_size, num_workers=self.cfg.data.num_workers, seed=self.cfg.run.seed,
             drop_overlong=self.cfg.data.drop_overlong, corrupt_prob=self.cfg.objective.corrupt_prob,
         )
+        if state is not None and loader.needs_reshape(state):  # same ranks, other workers or micro batch
+            saved = state["config"]
+            log.info("data state of %s was written with %d workers and micro batch %d, this run has %d and %d: "
+                     "the stream reshapes it", self.resumed_from.path, saved["num_workers"],
+                     saved["micro_batch_size"], self.cfg.data.num_workers, self.batch.micro)
+            state = {RESHAPE_FROM: checkpoint.saved_data_states(self.resumed_from)}
         if state is not None:
             loader.load_state_dict(state)
         return loader

@@ -14,9 +14,10 @@ MPIRUN=${MPIRUN:-$(command -v mpirun || command -v mpiexec || echo "$(dirname "$
 "$PY" -c 'from mpi4py import MPI' 2>/dev/null || die "mpi4py cannot load an MPI library (pip install mpich mpi4py)"
 args=(-np "$NP")
 [ -n "${HOSTFILE:-}" ] && { [ -f "$HOSTFILE" ] || die "hostfile '$HOSTFILE' not found"; args+=(-hostfile "$HOSTFILE"); }
-export DS_TRAIN_DIST_TIMEOUT=${DS_TRAIN_DIST_TIMEOUT:-300}
+export DS_TRAIN_DIST_TIMEOUT=${DS_TRAIN_DIST_TIMEOUT:-300} DS_TRAIN_CONVERT_TIMEOUT=${DS_TRAIN_CONVERT_TIMEOUT:-7200}
 if "$MPIRUN" --version 2>&1 | grep -qi "open mpi"; then  # Open MPI passes on only the variables named
-  args+=(--allow-run-as-root -x PATH -x PYTHONPATH -x DS_ACCELERATOR -x DS_TRAIN_DIST_TIMEOUT)
+  args+=(--allow-run-as-root -x PATH -x PYTHONPATH -x DS_ACCELERATOR -x DS_TRAIN_DIST_TIMEOUT
+             -x DS_TRAIN_CONVERT_TIMEOUT)
 fi
 # shellcheck disable=SC2086
 exec "$MPIRUN" "${args[@]}" ${MPI_ARGS:-} "$PY" -m ds_train.train "$@"

@@ -56,7 +56,7 @@ def interpreter(version: str) -> str:
 @pytest.mark.parametrize("version", ["3.12", "3.13"])
 def test_round_trip_on_other_interpreters(version):
     proc = subprocess.run([interpreter(version), "-I", "-c", SWEEP, str(CODEC_DIR), "7"],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["version"].startswith(version)

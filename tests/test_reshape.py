@@ -253,7 +253,7 @@ def uninterrupted(tmp_path_factory, request) -> Path:
 
 @pytest.mark.parametrize("stage", [0, 2])
 @pytest.mark.usefixtures("in_process")
-def test_two_ranks_resumed_by_one(stage, tmp_path, uninterrupted, fitting_ids, caplog):
+def test_two_ranks_resumed_by_one(stage, tmp_path, uninterrupted, fitting_ids, caplog, capfd):
     """(a) World size 2 to step 3, then one process to step 6 (ZeRO-2: through the universal checkpoint;
     ZeRO-0: nothing partitioned, loaded as it is)."""
     from ds_train import distributed
@@ -267,6 +267,13 @@ def test_two_ranks_resumed_by_one(stage, tmp_path, uninterrupted, fitting_ids, c
     assert json.loads((step_dir / "ds_train.json").read_text())["world_size"] == 2
     before = _trace(run_dir)
     saved = _saved_state(run_dir, step_dir)
+    if stage > 0:  # the other ranks' wait for the conversion has its own timeout; a bad one is one line
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("DS_TRAIN_CONVERT_TIMEOUT", "later")
+            assert main(overrides(run_dir, **settings)) == 2
+        lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("ds-train:")]
+        assert lines == ["ds-train: DS_TRAIN_CONVERT_TIMEOUT='later' is not a number of seconds"]
+        assert not (step_dir / "universal").exists()
 
     # Right after loading: the engine holds the saved weights, moments, step count and schedule.
     cfg = load_config(None, overrides(run_dir, **settings))
@@ -315,6 +322,39 @@ def test_one_rank_resumed_by_two(tmp_path, uninterrupted, fitting_ids):
     _check_resumed(run_dir, step_dir, before, 2, losses(uninterrupted), fitting_ids, saved)
 
 
+@pytest.mark.usefixtures("in_process")
+def test_one_rank_resumed_with_other_workers(tmp_path, fitting_ids, caplog):
+    """The same one rank, dataloader workers 0 to step 3, then 2 workers to step 6: the stream's consumers
+    changed, so the saved data state is reshaped; the steps before and after the change, then the rest of
+    the epoch read from the step-6 state, hold every fitting pair of the first epoch once."""
+    run_dir = tmp_path / "run"
+    assert main(overrides(run_dir, train__stop_at_step=K, **SETTINGS)) == 0
+    with caplog.at_level(logging.INFO):
+        assert main(overrides(run_dir, data__num_workers=2, **SETTINGS)) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("written with 0 workers and micro batch 2, this run has 2 and 2: the stream reshapes it" in m
+               for m in messages)
+    assert any(f"(step {K})" in m and m.startswith("resumed from") for m in messages)
+    trace = _trace(run_dir)
+    assert sorted(line["step"] for line in trace) == list(range(1, N + 1))
+    trained = [i for line in trace for i in line["ids"]]
+
+    cfg = load_config(None, overrides(run_dir, data__num_workers=2, **SETTINGS))
+    loader = build_dataloader(
+        [cfg.data.source], cfg.data.tokenizer, objective=cfg.objective.name, seq_len=cfg.data.seq_len,
+        micro_batch_size=cfg.train.micro_batch_size, rank=0, world_size=1, num_workers=2, seed=cfg.run.seed,
+        corrupt_prob=cfg.objective.corrupt_prob)
+    loader.load_state_dict(torch.load(run_dir / "checkpoints" / f"step-{N}" / "data_rank0.pt", weights_only=True))
+    rest, boundary = _rows_until_next_epoch(loader)
+    loader.close()
+    seen = trained + [i for row in rest for i in row]
+    repeated = [i for i, n in Counter(seen).items() if n > 1]
+    assert not repeated, f"pairs trained twice in the first epoch: {repeated[:5]}"
+    assert set(seen) <= fitting_ids
+    dropped = fitting_ids - set(seen) - {i for row in boundary for i in row}
+    assert not dropped, f"pairs of the first epoch never trained: {sorted(dropped)[:5]}"
+
+
 # ---------------------------------------------------------------------------------------------- the split
 
 
@@ -339,12 +379,12 @@ def _rows_until_next_epoch(loader, limit: int = 400) -> tuple[list[list[str]], l
         if batch["_consumer"] in done:
             continue
         if batch["_epoch"] > 0:
-            boundary.append(batch["ids"][0])
+            boundary += batch["ids"]
             done.add(batch["_consumer"])
             if len(done) == max(loader.cfg.num_workers, 1):
                 break
         else:
-            first.append(batch["ids"][0])
+            first += batch["ids"]
         assert n < limit, "the epoch did not end"
     return first, boundary
 
@@ -376,6 +416,58 @@ def test_reshaped_stream_finishes_the_epoch_once(kind, new_world, new_workers, p
         assert len(rows) == read_meta(packed)["rows"] and set(seen) == fitting_ids
     else:  # the packer's open row at the epoch's end is closed in the next epoch
         assert set(seen) <= fitting_ids <= set(seen) | set(boundary)
+
+
+def _epoch_skips(loader, limit: int = 800) -> dict[str, int]:
+    """A rank's skip counts of epoch 0, summed over its consumers: each consumer's counts as its first
+    batch of epoch 1 reports them (epoch 0's last records are read after its last batch of epoch 0)."""
+    counts = {}
+    for n, batch in enumerate(loader.loader):
+        if batch["_epoch"] > 0:
+            counts.setdefault(batch["_consumer"], batch["_skips"])
+            if len(counts) == max(loader.cfg.num_workers, 1):
+                break
+        assert n < limit, "the epoch did not end"
+    return dict(sum((Counter(c) for c in counts.values()), Counter()))
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_reshaped_stream_counts_each_bad_record_once(tmp_path, new_world):
+    """Bad records inside the blocks the saved ranks were reading were counted by them; the ranks that
+    finish the epoch after the change count only the rest: the epoch's skip counts are those of one
+    uninterrupted rank, which are the bad lines this test wrote."""
+    lines = (ASSETS / "tiny_pairs.jsonl").read_text().splitlines()
+    corrupted, written = [], Counter()
+    for i, line in enumerate(lines):
+        corrupted.append(line)
+        if i % 3 == 1:
+            corrupted.append("{not json")
+            written["malformed_json"] += 1
+        if i % 7 == 4:
+            corrupted.append(json.dumps({"text": "no code here"}))
+            written["missing_field"] += 1
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("\n".join(corrupted) + "\n")
+
+    plain = _loader(source, 0, 1, 0)
+    reference = _epoch_skips(plain)
+    plain.close()
+    assert {k: reference.get(k, 0) for k in written} == dict(written)
+
+    saved = []
+    for rank, count in ((0, 3), (1, 5)):
+        loader = _loader(source, rank, 2, 0)
+        [batch for _, batch in zip(range(count), loader)]
+        saved.append(loader.state_dict())
+        loader.close()
+    assert all(state["loader"]["dataset_state"]["raw"]["taken"] > 0 for state in saved)  # inside a block
+    total = Counter()
+    for rank in range(new_world):
+        loader = _loader(source, rank, new_world, 0)
+        loader.load_state_dict({RESHAPE_FROM: saved})
+        total += Counter(_epoch_skips(loader))
+        loader.close()
+    assert dict(total) == reference
 
 
 def test_resharded_stream_resumes_exactly_and_refuses_a_second_change():

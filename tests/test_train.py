@@ -96,7 +96,7 @@ def reference_losses(run_dir: Path, world_size: int, steps: int, accum: int = 1,
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stages_match_plain_pytorch(stage, tmp_path, single_process):
-    settings = dict(train__deepspeed=f"zero{stage}.json", train__max_steps=4, checkpoint__every_steps=4)
+    settings = {"train__deepspeed": f"zero{stage}.json", "train__max_steps": 4, "checkpoint__every_steps": 4}
     got = run_in_process(tmp_path / "run", **settings)
     ref = reference_losses(tmp_path / "run", world_size=1, steps=4, **settings)
     assert [got[s] for s in range(1, 5)] == pytest.approx(ref, rel=2e-5)
@@ -104,7 +104,7 @@ def test_zero_stages_match_plain_pytorch(stage, tmp_path, single_process):
 
 
 def test_grad_accumulation_matches_plain_pytorch(tmp_path, single_process):
-    settings = dict(train__grad_accum=2, train__max_steps=3, checkpoint__every_steps=3)
+    settings = {"train__grad_accum": 2, "train__max_steps": 3, "checkpoint__every_steps": 3}
     got = run_in_process(tmp_path / "run", **settings)
     ref = reference_losses(tmp_path / "run", world_size=1, steps=3, accum=2, **settings)
     assert [got[s] for s in (1, 2, 3)] == pytest.approx(ref, rel=2e-5)
@@ -166,13 +166,13 @@ def _launch_two_ranks(run_dir: Path, port: int | None = None, **extra) -> subpro
 
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
            str(port or free_port()), "--module", "ds_train.train", *overrides(run_dir, **extra)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
 
 
 def test_world_size_two_matches_plain_pytorch(tmp_path):
     from ds_train.distributed import free_port
 
-    settings = dict(train__max_steps=3, checkpoint__every_steps=3, train__deepspeed="zero2.json")
+    settings = {"train__max_steps": 3, "checkpoint__every_steps": 3, "train__deepspeed": "zero2.json"}
     port = free_port()
     proc = _launch_two_ranks(tmp_path / "run", port=port, **settings)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,9 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.test_train import GOLDEN, losses, overrides  # noqa: E402
-
-from ds_train.train import main  # noqa: E402
+from ds_train.train import main
+from tests.test_train import GOLDEN, losses, overrides
 
 with tempfile.TemporaryDirectory() as tmp:
     run = Path(tmp) / "run"
