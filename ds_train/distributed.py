@@ -101,13 +101,18 @@ def init(timeout_s: float | None = None) -> DistInfo:
 
 
 def seconds_from_env(name: str, default: float) -> float:
+    """A timeout in seconds from the environment variable ``name``; a bad value is a one-line LaunchError."""
     raw = os.environ.get(name, str(default))
     try:
         value = float(raw)
     except ValueError:
         raise LaunchError(f"{name}={raw!r} is not a number of seconds") from None
+    try:
+        timedelta(seconds=value)
+    except (OverflowError, ValueError):  # inf, nan, or more than timedelta holds
+        value = float("nan")
     if not value > 0:
-        raise LaunchError(f"{name}={raw!r}: the timeout must be a positive number of seconds")
+        raise LaunchError(f"{name}={raw!r}: the timeout must be a positive, finite number of seconds")
     return value
 
 

@@ -121,11 +121,13 @@ def test_world_size_that_cannot_split_the_batch(tmp_path):
     assert "train.global_batch_size=3 is not a multiple of micro_batch_size x world size" in proc.stderr
 
 
-def test_unreadable_collective_timeout_is_named(tmp_path):
+@pytest.mark.parametrize("value,says", [("soon", " is not a number of seconds"),
+                                         ("inf", ": the timeout must be a positive, finite number of seconds")])
+def test_unreadable_collective_timeout_is_named(tmp_path, value, says):
     proc = subprocess.run([sys.executable, "-m", "ds_train.train", *overrides(tmp_path / "run", **SETTINGS)],
-                          cwd=ROOT, env=_env(DS_TRAIN_DIST_TIMEOUT="soon"), capture_output=True, text=True,
+                          cwd=ROOT, env=_env(DS_TRAIN_DIST_TIMEOUT=value), capture_output=True, text=True,
                           timeout=120, check=False)
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("ds-train:")]
-    assert lines == ["ds-train: DS_TRAIN_DIST_TIMEOUT='soon' is not a number of seconds"], proc.stderr[-2000:]
+    assert lines == [f"ds-train: DS_TRAIN_DIST_TIMEOUT={value!r}{says}"], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
