@@ -322,7 +322,7 @@ def _load_universal(engine, found: Found, rank: int) -> None:
             convert_to_universal(found.path)
         except CheckpointError as err:
             failure = str(err)
-    if distributed.any_rank_after_long_work(bool(failure), wait_s):  # every rank learns that rank 0 failed
+    if distributed.any_rank(bool(failure), wait_s):  # every rank learns that rank 0 failed
         raise CheckpointError(failure or f"rank 0 could not convert {found.path} to a universal checkpoint")
     engine._config.load_universal_checkpoint = True  # read by every load_checkpoint step, not only at init
     try:

@@ -171,29 +171,25 @@ def _make_control_group() -> None:
         _CONTROL_GROUP[:] = [torch.distributed.new_group(backend="gloo")]
 
 
-def any_rank(flag: bool) -> bool:
+def any_rank(flag: bool, wait_s: float | None = None) -> bool:
     """True on every rank if `flag` is true on any rank (so all ranks act at the same step).
 
-    Agreed over CPU tensors (the control group): no GPU synchronisation.
+    Agreed over CPU tensors (the control group): no GPU synchronisation. With ``wait_s``: for an
+    agreement the other ranks wait for while one rank works long (rank 0 converting a checkpoint), over
+    a gloo group of its own with that timeout, so they are not cut off by the process group's timeout
+    (300 s in the multi-node scripts); forming that group is collective too.
     """
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        if not _CONTROL_GROUP:
-            _make_control_group()
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=_CONTROL_GROUP[0])
-    return bool(t.item() > 0)
-
-
-def any_rank_after_long_work(flag: bool, timeout_s: float) -> bool:
-    """`any_rank` for an agreement some ranks reach only after long work of one rank (rank 0 converting
-    a checkpoint): over a gloo group of its own whose timeout is ``timeout_s``, so the ranks that wait
-    are not cut off by the process group's timeout (300 s in the multi-node scripts). Collective: every
-    rank calls it at the same point (forming the group is collective too)."""
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        if wait_s is not None:
+            group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=wait_s))
+        else:
+            if not _CONTROL_GROUP:
+                _make_control_group()
+            group = _CONTROL_GROUP[0]
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
-        torch.distributed.destroy_process_group(group)
+        if wait_s is not None:
+            torch.distributed.destroy_process_group(group)
     return bool(t.item() > 0)
 
 

@@ -345,7 +345,7 @@ def test_one_rank_resumed_with_other_workers(tmp_path, fitting_ids, caplog):
         micro_batch_size=cfg.train.micro_batch_size, rank=0, world_size=1, num_workers=2, seed=cfg.run.seed,
         corrupt_prob=cfg.objective.corrupt_prob)
     loader.load_state_dict(torch.load(run_dir / "checkpoints" / f"step-{N}" / "data_rank0.pt", weights_only=True))
-    rest, boundary = _rows_until_next_epoch(loader)
+    rest, boundary, _ = _read_first_epoch(loader)
     loader.close()
     seen = trained + [i for row in rest for i in row]
     repeated = [i for i, n in Counter(seen).items() if n > 1]
@@ -372,21 +372,23 @@ def _loader(source: Path, rank: int, world: int, workers: int):
                             shuffle_block=16)
 
 
-def _rows_until_next_epoch(loader, limit: int = 400) -> tuple[list[list[str]], list[list[str]]]:
-    """(rows of epoch 0, first row of epoch 1 of each consumer) read from a rank's raw batches."""
-    first, boundary, done = [], [], set()
-    for n, batch in enumerate(loader.loader):  # the raw batches show each row's consumer and epoch
-        if batch["_consumer"] in done:
+def _read_first_epoch(loader, limit: int = 800) -> tuple[list[list[str]], list[list[str]], dict[str, int]]:
+    """From a rank's raw batches (they show each row's consumer and epoch): the rows of epoch 0, each
+    consumer's first batch of epoch 1, and the skip counts of epoch 0 summed over the consumers, as
+    those first batches of epoch 1 report them (epoch 0's last records are read after its last batch)."""
+    first, boundary, skips = [], [], {}
+    for n, batch in enumerate(loader.loader):
+        if batch["_consumer"] in skips:
             continue
         if batch["_epoch"] > 0:
             boundary += batch["ids"]
-            done.add(batch["_consumer"])
-            if len(done) == max(loader.cfg.num_workers, 1):
+            skips[batch["_consumer"]] = batch["_skips"]
+            if len(skips) == max(loader.cfg.num_workers, 1):
                 break
         else:
             first += batch["ids"]
         assert n < limit, "the epoch did not end"
-    return first, boundary
+    return first, boundary, dict(sum((Counter(c) for c in skips.values()), Counter()))
 
 
 @pytest.mark.parametrize("kind", ["packed", "raw"])
@@ -405,7 +407,7 @@ def test_reshaped_stream_finishes_the_epoch_once(kind, new_world, new_workers, p
     for rank in range(new_world):
         loader = _loader(source, rank, new_world, new_workers)
         loader.load_state_dict({RESHAPE_FROM: saved})
-        first, last = _rows_until_next_epoch(loader)
+        first, last, _ = _read_first_epoch(loader)
         rows += first
         boundary += [i for row in last for i in row]
         loader.close()
@@ -416,19 +418,6 @@ def test_reshaped_stream_finishes_the_epoch_once(kind, new_world, new_workers, p
         assert len(rows) == read_meta(packed)["rows"] and set(seen) == fitting_ids
     else:  # the packer's open row at the epoch's end is closed in the next epoch
         assert set(seen) <= fitting_ids <= set(seen) | set(boundary)
-
-
-def _epoch_skips(loader, limit: int = 800) -> dict[str, int]:
-    """A rank's skip counts of epoch 0, summed over its consumers: each consumer's counts as its first
-    batch of epoch 1 reports them (epoch 0's last records are read after its last batch of epoch 0)."""
-    counts = {}
-    for n, batch in enumerate(loader.loader):
-        if batch["_epoch"] > 0:
-            counts.setdefault(batch["_consumer"], batch["_skips"])
-            if len(counts) == max(loader.cfg.num_workers, 1):
-                break
-        assert n < limit, "the epoch did not end"
-    return dict(sum((Counter(c) for c in counts.values()), Counter()))
 
 
 @pytest.mark.parametrize("new_world", [1, 3])
@@ -450,7 +439,7 @@ def test_reshaped_stream_counts_each_bad_record_once(tmp_path, new_world):
     source.write_text("\n".join(corrupted) + "\n")
 
     plain = _loader(source, 0, 1, 0)
-    reference = _epoch_skips(plain)
+    reference = _read_first_epoch(plain)[2]
     plain.close()
     assert {k: reference.get(k, 0) for k in written} == dict(written)
 
@@ -465,7 +454,7 @@ def test_reshaped_stream_counts_each_bad_record_once(tmp_path, new_world):
     for rank in range(new_world):
         loader = _loader(source, rank, new_world, 0)
         loader.load_state_dict({RESHAPE_FROM: saved})
-        total += Counter(_epoch_skips(loader))
+        total += Counter(_read_first_epoch(loader)[2])
         loader.close()
     assert dict(total) == reference
 
