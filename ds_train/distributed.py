@@ -108,10 +108,11 @@ def seconds_from_env(name: str, default: float) -> float:
     except ValueError:
         raise LaunchError(f"{name}={raw!r} is not a number of seconds") from None
     try:
-        timedelta(seconds=value)
-    except (OverflowError, ValueError):  # inf, nan, or more than timedelta holds
-        value = float("nan")
-    if not value > 0:
+        timedelta(seconds=value)  # raises for inf, nan, or more than a timedelta holds
+        usable = value > 0
+    except (OverflowError, ValueError):
+        usable = False
+    if not usable:
         raise LaunchError(f"{name}={raw!r}: the timeout must be a positive, finite number of seconds")
     return value
 

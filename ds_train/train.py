@@ -149,6 +149,7 @@ class Trainer:
         self.unchecked: deque[_LossCheck] = deque()  # losses whose finiteness is not read back yet
         self.trained_ids: list[dict[str, Any]] = []  # this step's micro batches (data.trace_ids)
         self.skipped_ids: list[str] = []
+        self.resumed_from: checkpoint.Found | None = None  # the checkpoint this run resumed, if any
 
     # ------------------------------------------------------------------ setup
     def run(self) -> Outcome | None:
