@@ -43,6 +43,9 @@ SEPARATION_FILE = "separation.json"
 SENTENCEPIECE_FILE = "sentencepiece.model"  # kept for reference; tokenizer.json is what loads
 WORD_INITIAL = ("▁", "Ġ")  # sentencepiece, GPT-2 style byte-level BPE
 
+DEFAULT_VOCAB_SIZE = 4000
+"""Pieces asked of sentencepiece when the user names none (the one default of ds-train and ds-data)."""
+
 
 def python_tokens() -> list[str]:
     """The Python-specific token list of the original work (``ds_train/resources``), de-duplicated."""
@@ -56,7 +59,7 @@ def python_tokens() -> list[str]:
 def train_tokenizer(
     corpus: str | os.PathLike | list,
     out_dir: str | os.PathLike,
-    vocab_size: int = 8000,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
     *,
     max_pairs: int = 200_000,
     skips: SkipCounter | None = None,
