@@ -241,14 +241,27 @@ def run_score(args: argparse.Namespace) -> int:
     require_opt_in(args.allow_code_execution)
     tasks = load_tasks(args.problems, proto.name, args.split, None, args.incremental)
     samples = Path(args.samples)
+    report_path = samples.parent / "report.json"
     record = {
+        **generation_record(report_path),
         "protocol": proto.name,
         "benchmark": args.problems,
         "split": args.split if args.problems == "mbpp" else None,
         "incremental": args.incremental,
         "timeout": timeout,
     }
-    return score_and_report(tasks, samples, ks, timeout, args.workers, samples.parent / "report.json", record)
+    return score_and_report(tasks, samples, ks, timeout, args.workers, report_path, record)
+
+
+def generation_record(report_path: Path) -> dict:
+    """The model and settings a `--no-score` run recorded beside the samples, kept when rescoring."""
+    try:
+        earlier = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(earlier, dict):
+        return {}
+    return {key: earlier[key] for key in ("model", "settings") if key in earlier}
 
 
 def score_and_report(

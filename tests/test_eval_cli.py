@@ -159,6 +159,14 @@ def test_generation_records_the_protocol_and_every_setting(allowed, tmp_path):
     assert {(s["task_id"], s["index"]) for s in lines} == {
         (f"MBPP/{i}", j) for i in (11, 12) for j in range(200)
     }
+    # scoring later keeps what generation recorded, and adds the scores (10 samples keep it short)
+    few = out / "samples.jsonl"
+    few.write_text("".join(line + "\n" for line in few.read_text().splitlines()[:10]))
+    argv = ["score", "--problems", "mbpp", "--samples", str(out / "samples.jsonl"), "--k", "1,10"]
+    assert main([*argv, "--workers", "2"]) == 0
+    rescored = json.loads((out / "report.json").read_text())
+    assert rescored["settings"] == settings and rescored["model"] == str(model)
+    assert rescored["samples"] == 10 and rescored["unsampled_problems"] == 499
 
 
 def test_standard_protocol_settings_and_greedy(allowed, tmp_path):
