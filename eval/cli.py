@@ -25,6 +25,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from ds_train.errors import UsageError, refuse
 from eval import incremental, passk, problems, protocol
 
@@ -108,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run_loss(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return run_score(args) if args.command == "score" else run_generate(args)
+        # log lines go through tqdm, which clears a progress bar and redraws it once below them
+        # (written straight to stderr, each line left a second copy of the bar behind)
+        with logging_redirect_tqdm():
+            return run_score(args) if args.command == "score" else run_generate(args)
     except UsageError as err:
         return refuse(PROG, err)
 
