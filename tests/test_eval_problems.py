@@ -10,6 +10,7 @@ from ds_train.data.codec import linearize
 from eval.incremental import incremental_problems, subtasks
 from eval.problems import (
     MBPP_FILE,
+    completion_after,
     humaneval_problem,
     load_benchmark,
     load_problems,
@@ -194,3 +195,27 @@ def test_gz_and_humaneval_records_round_trip(tmp_path):
     with gzip.open(path, "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     assert [p.prompt for p in load_problems(path)] == [r["prompt"] for r in rows]
+
+
+def test_mbpp_splits_and_unknown_split():
+    assert [p.task_id for p in load_benchmark("mbpp", "prompt")] == [f"MBPP/{i}" for i in range(1, 11)]
+    assert len(load_benchmark("mbpp", "validation")) == 90 and len(load_benchmark("mbpp", "all")) == 974
+    with pytest.raises(ValueError, match="unknown MBPP split 'dev'"):
+        load_benchmark("mbpp", "dev")
+
+
+def test_completion_after_a_prefix_cut_inside_a_statement():
+    header = "def f ( x ) :"
+    # a complete header or line: the completion starts on the next line
+    assert completion_after(header, "<NEW_LINE> <INDENT> return x <NEW_LINE> <DEDENT>") == "    return x\n"
+    # cut inside brackets: the completion carries the whole statement
+    cut = f"{header} <NEW_LINE> <INDENT> y = [ x ,"
+    assert (
+        completion_after(cut, "x ] <NEW_LINE> return y <NEW_LINE> <DEDENT>")
+        == "    y = [x, x]\n    return y\n"
+    )
+    # a line cut after an operator (a backslash continuation) counts as cut too
+    assert (
+        completion_after(f"{header} <NEW_LINE> <INDENT> return x +", "1 <NEW_LINE> <DEDENT>")
+        == "    return x + 1\n"
+    )
