@@ -358,8 +358,13 @@ def _given_source(signature_lin: str, given_lin: str) -> str:
 
 
 def incremental_problems(problems: list[Problem]) -> list[Problem]:
-    """Every problem's sub-tasks (the problem itself first), in order."""
-    return [task for problem in problems for task in incremental_subtasks(problem)]
+    """Every problem's sub-tasks (the problem itself first), in order; those without a reference
+    get none (counted in one warning, as the original warns for each)."""
+    tasks = [task for problem in problems for task in incremental_subtasks(problem)]
+    missing = sum(not (p.original_body or p.solution).strip() for p in problems)
+    if missing:
+        log.warning("%d problems have no reference solution and get no incremental sub-tasks", missing)
+    return tasks
 
 
 def base_of(task_id: str) -> str:
