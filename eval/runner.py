@@ -126,7 +126,11 @@ def isolate(config: dict) -> None:
         return
     if libc.unshare(CLONE_NEWUSER) != 0:
         fail(libc, "unshare(CLONE_NEWUSER)")
-    for name, text in (("setgroups", "deny"), ("uid_map", f"{INNER_UID} 0 1"), ("gid_map", f"{INNER_UID} 0 1")):
+    for name, text in (
+        ("setgroups", "deny"),
+        ("uid_map", f"{INNER_UID} 0 1"),
+        ("gid_map", f"{INNER_UID} 0 1"),
+    ):
         with open(f"/proc/self/{name}", "w") as f:
             f.write(text)
     with open("/proc/self/cmdline", "rb") as f:
@@ -167,7 +171,7 @@ def run_job() -> None:
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    sys.stdin = sys.__stdin__ = open(0, closefd=False)
+    sys.stdin = sys.__stdin__ = open(0, closefd=False)  # noqa: SIM115 -- the program's stdin
     with warnings.catch_warnings():  # e.g. spwd on 3.12 warns that it is deprecated
         warnings.simplefilter("ignore")
         for name in sys.builtin_module_names:  # loaded now: creating builtin modules is refused later
@@ -192,13 +196,14 @@ def run_job() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except BaseException:
+        except BaseException:  # noqa: BLE001, S110 -- the verdict is written; output is best effort
             pass
     exit_(0)
 
 
 def disable_signals() -> None:
     """Python signal handlers receive frames: refuse installing them, and new builtin modules."""
+
     def refuse(*args, **kwargs):
         raise PermissionError("sandbox: not allowed here")
 
@@ -236,13 +241,17 @@ def make_hook(workdir: str):
             path, mode, flags = args
             if isinstance(path, (str, bytes)) and realpath(fsdecode(path)).startswith("/proc"):
                 raise PermissionError("sandbox: /proc is not readable")
-            wants_write = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & write_flags)
+            wants_write = (
+                any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & write_flags)
+            )
             if wants_write and not inside(path):
                 raise PermissionError("sandbox: writing outside the working directory is not allowed")
         if event in WRITE_EVENTS:
             for path in args:
                 if isinstance(path, (str, bytes, os.PathLike)) and not inside(path):
-                    raise PermissionError("sandbox: changing files outside the working directory is not allowed")
+                    raise PermissionError(
+                        "sandbox: changing files outside the working directory is not allowed"
+                    )
 
     return hook
 

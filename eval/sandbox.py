@@ -150,7 +150,11 @@ class Mechanism:
         if self.backend == "none":
             return "NO ISOLATION (--unsafe-no-isolation): rlimits, audit hook, scrubbed env, temp workdir"
         tool = "bubblewrap" if self.backend == "bwrap" else "util-linux unshare"
-        who = "private uid per program" if self.root else "unprivileged user namespace (uid %d inside)" % INNER_UID
+        who = (
+            "private uid per program"
+            if self.root
+            else f"unprivileged user namespace (uid {INNER_UID} inside)"
+        )
         return (
             f"{tool}: {who}; pid, network, ipc, uts and mount namespaces; read-only filesystem but the "
             "workdir; private /tmp, /var/tmp, /dev/shm; home hidden; non-dumpable runner; rlimits; audit hook"
@@ -187,7 +191,7 @@ def mechanism(unsafe_no_isolation: bool = False) -> Mechanism:
         log.warning("sandbox: running generated programs WITHOUT isolation: %s", "; ".join(why))
         return Mechanism("none", root)
     raise UsageError(
-        f"cannot isolate generated programs as {'root' if root else 'uid %d' % os.geteuid()}: "
+        f"cannot isolate generated programs as {'root' if root else f'uid {os.geteuid()}'}: "
         f"{'; '.join(why)}; {HOW_TO_ALLOW}"
     )
 
@@ -269,7 +273,14 @@ def _run(mech: Mechanism, program: str, test: str, check: str, limits: Limits) -
 def _command(mech: Mechanism, workdir: str, uid: int | None) -> list[str]:
     """The command line: the backend's wrapper, then `python -I -S -c <eval/runner.py> CONFIG`."""
     covers, binds, writable = _layout()
-    config = {"mode": mech.backend, "uid": uid, "workdir": workdir, "covers": covers, "binds": binds, "writable": writable}
+    config = {
+        "mode": mech.backend,
+        "uid": uid,
+        "workdir": workdir,
+        "covers": covers,
+        "binds": binds,
+        "writable": writable,
+    }
     python = [_interpreter(), "-I", "-S", "-c", _runner_source(), json.dumps(config)]
     if mech.backend == "none":
         return python
