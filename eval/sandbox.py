@@ -357,19 +357,19 @@ def _ancestors(path: str) -> list[str]:
 
 def _remove_tree(path: str) -> None:
     """Remove a workdir whatever the program did to its modes (a 000 subdirectory, say)."""
-
-    def retry(func, failed, _exc):
-        for target in {os.path.dirname(failed), failed}:
-            try:
-                os.chmod(target, 0o700)
-            except OSError:
-                pass
-        func(failed)
-
     try:
-        shutil.rmtree(path, onerror=retry)
+        _make_removable(path)
+        shutil.rmtree(path)
     except OSError as err:
         log.warning("could not remove the sandbox workdir %s: %s", path, err)
+
+
+def _make_removable(path: str) -> None:
+    os.chmod(path, 0o700)
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                _make_removable(entry.path)
 
 
 def _clean_env(workdir: str) -> dict[str, str]:
