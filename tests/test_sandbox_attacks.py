@@ -325,6 +325,7 @@ def _scoring_run(backend: str, user: str, extra_env: dict | None = None, cases: 
         capture_output=True,
         text=True,
         timeout=300,
+        check=False,
     )
     host = {
         "rc": proc.returncode,
