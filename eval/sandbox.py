@@ -1,37 +1,23 @@
 """Run model-written programs so that they cannot harm the machine or fake a pass.
 
-The kernel isolates each program; `eval/runner.py` is the code that runs inside. A program runs in
-a fresh `python -I -S` under bubblewrap (`bwrap`) or, where that is missing, util-linux `unshare`
-(the runner makes the mounts itself), with:
+The kernel isolates each program (`eval/README.md` has the attacks tried and what stops each): it
+runs `eval/runner.py` in a fresh `python -I -S` under bubblewrap (`bwrap`) or, where that is
+missing, util-linux `unshare` (the runner then makes the mounts itself), in its own pid, mount,
+network, ipc and uts namespaces; the host read-only but its throw-away working directory; private
+`/tmp`, `/var/tmp`, `/dev/shm`; the scorer's home and the other workdirs hidden; a fresh uid per
+program as root, an unprivileged user namespace otherwise; rlimits, a wall-clock timeout, an output
+cap and a scrubbed environment; the runner's audit hook as a second layer. Where no backend works
+the scorer refuses (one line, saying how to allow it) unless the user opts out as unsafe.
 
-- **its own pid namespace**: it sees and can signal only its own processes (no scorer, no other
-  sample, no pidfd of them); all of them die with the namespace when the run ends.
-- **its own mount namespace**: the whole filesystem read-only; a fresh, writable, private tmpfs on
-  `/tmp`, `/var/tmp` and `/dev/shm` (gone with the namespace); the scorer's home, the directory
-  that holds every sample's working directory, and directories other users may not cross hidden
-  under empty tmpfs; the interpreter's own directories bound back read-only; its own working
-  directory the only writable place of the host (removed after the run); a `/proc` of its own pid
-  namespace only.
-- **no network** (an empty network namespace), its own ipc and uts namespaces.
-- **a private uid**: as root, a fresh random uid per program (a private RLIMIT_NPROC count too);
-  as an ordinary user, an unprivileged user namespace in which it is uid 1000, without
-  capabilities and unable to create further namespaces. Where neither works the scorer refuses to
-  run generated code (one line: why, and how to allow it) unless the user opts out with
-  `--unsafe-no-isolation` / DS_EVAL_UNSAFE_NO_ISOLATION=1.
-- **rlimits**: CPU time, address space, file size, open files, no core files, processes; a
-  wall-clock timeout and an output cap enforced by the scorer; a scrubbed environment.
-- **an audit hook** as a second layer (sockets, subprocesses, ctypes, frames, tracing, writes by
-  path outside the workdir, /proc by path).
+**The verdict.** A random per-run nonce reaches the runner on its stdin (drained before any sample
+code runs); the runner makes itself non-dumpable, so the kernel closes `/proc/self/mem` and
+`/proc/self/fd` to the program whatever path or `dir_fd` it uses, runs the sample, the tests with
+fresh builtins and the check call, and only then writes the nonce to a status pipe. A program
+passes iff it exited 0 *and* the status pipe holds the nonce.
 
-**The verdict.** The runner reads a random per-run nonce from its stdin pipe (drained before any
-sample code runs), makes itself non-dumpable (so the kernel refuses `/proc/self/mem` and
-`/proc/self/fd` to the program's uid, whatever path or `dir_fd` it uses), runs the sample, the
-tests with a fresh copy of the builtins, the check call, and only then writes the nonce to a
-status pipe. A program passes iff its process exited 0 *and* the status pipe holds the nonce.
-
-Known limits: a test that runs in the sample's process still trusts the sample's objects (a
-returned object whose `__eq__` is always true passes an `assert f(x) == y`), and a sample can patch
-modules the tests import (e.g. `math`).
+Known limits: the tests run in the sample's process, so they trust its objects (a returned object
+whose `__eq__` is always true passes `assert f(x) == y`), and a sample can patch modules the tests
+import (e.g. `math`).
 """
 
 from __future__ import annotations
@@ -150,19 +136,11 @@ class Mechanism:
         if self.backend == "none":
             return "NO ISOLATION (--unsafe-no-isolation): rlimits, audit hook, scrubbed env, temp workdir"
         tool = "bubblewrap" if self.backend == "bwrap" else "util-linux unshare"
-        who = (
-            "private uid per program"
-            if self.root
-            else f"unprivileged user namespace (uid {INNER_UID} inside)"
-        )
+        who = "private uid per program" if self.root else f"unprivileged user namespace (uid {INNER_UID})"
         return (
             f"{tool}: {who}; pid, network, ipc, uts and mount namespaces; read-only filesystem but the "
             "workdir; private /tmp, /var/tmp, /dev/shm; home hidden; non-dumpable runner; rlimits; audit hook"
         )
-
-
-def unsafe_allowed() -> bool:
-    return os.environ.get(UNSAFE_ENV) == "1"
 
 
 @lru_cache(maxsize=4)
@@ -187,7 +165,7 @@ def mechanism(unsafe_no_isolation: bool = False) -> Mechanism:
             log.info("sandbox: %s", mech.describe())
             return mech
         why.append(f"{backend} does not work ({first_line(probe.result)})")
-    if unsafe_no_isolation or unsafe_allowed():
+    if unsafe_no_isolation or os.environ.get(UNSAFE_ENV) == "1":
         log.warning("sandbox: running generated programs WITHOUT isolation: %s", "; ".join(why))
         return Mechanism("none", root)
     raise UsageError(
