@@ -277,6 +277,39 @@ def _scorer_command(user: str, base: Path, out_path: Path, cases_path: Path) -> 
     ]
 
 
+# Inside a user namespace (uid 1000 = nobody outside) whose root forbade further user namespaces:
+# what a scorer meets on a kernel that refuses unprivileged user namespaces.
+WITHOUT_USERNS = "echo 0 > /proc/sys/user/max_user_namespaces; " + AS_NOBODY.replace("{uid}", "1000")
+
+
+def _run_without_user_namespaces(base: Path, out_path: Path, cases_path: Path, env: dict):
+    driver = [
+        sys.executable, "-c", "import sys; from tests.test_sandbox_attacks import _drive; _drive(*sys.argv[1:])",
+        str(cases_path), str(out_path),
+    ]  # fmt: skip
+    tools = {name: shutil.which(name) for name in ("mount", "mkdir", "setpriv", "unshare", "sh")}
+    stash = base / "root"
+    stash.mkdir()
+    inner = (
+        base / "inner.sh"
+    )  # run once the maps are written: exec'ed as uid 0 it has the namespace's capabilities
+    inner.write_text(WITHOUT_USERNS.format(**tools, driver=" ".join(f"'{a}'" for a in driver)))
+    script = f'read go; exec {tools["sh"]} {inner} "$1" "$2"'
+    prefix = os.path.realpath(sys.base_prefix)
+    command = [tools["unshare"], "--user", "--mount", "--propagation", "private", tools["sh"], "-c", script]
+    proc = subprocess.Popen(
+        [*command, "sh", str(stash), prefix],
+        cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    own = os.readlink("/proc/self/ns/user")
+    while os.readlink(f"/proc/{proc.pid}/ns/user") == own:  # until unshare made the namespace
+        pass
+    for name in ("uid_map", "gid_map"):  # written from outside by root: two ranges are allowed
+        Path(f"/proc/{proc.pid}/{name}").write_text(f"0 0 1\n1000 {NOBODY} 1\n")
+    out, err = proc.communicate("go\n", timeout=300)
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
 def _users() -> list[str]:
     return ["self", "nobody"] if os.geteuid() == 0 else ["self"]
 
@@ -292,7 +325,7 @@ def _visible_base() -> Path:
 def _scoring_run(backend: str, user: str, extra_env: dict | None = None, cases: dict | None = None) -> dict:
     """Run the scorer once; returns the host's view afterwards."""
     base = _visible_base()
-    uid = NOBODY if user == "nobody" else os.geteuid()
+    uid = NOBODY if user.startswith("nobody") else os.geteuid()
     victim, home, tmp = base / "victim", base / "home", base / "tmp"
     tag = f"{backend}{user}{os.getpid()}"
     for d in (victim, home, tmp, tmp / "ds-eval-neighbour"):
@@ -318,15 +351,18 @@ def _scoring_run(backend: str, user: str, extra_env: dict | None = None, cases: 
         "PYTHONPATH": str(REPO),
         **(extra_env or {}),
     }
-    proc = subprocess.run(
-        _scorer_command(user, base, out_path, cases_path),
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    if user == "nobody-without-userns":
+        proc = _run_without_user_namespaces(base, out_path, cases_path, env)
+    else:
+        proc = subprocess.run(
+            _scorer_command(user, base, out_path, cases_path),
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
     host = {
         "rc": proc.returncode,
         "stderr": proc.stderr,
@@ -416,14 +452,19 @@ def test_report_says_how_programs_were_isolated(attacked):
         assert f"unprivileged user namespace (uid {sandbox.INNER_UID})" in described
 
 
-@pytest.mark.parametrize("user", _users())
-def test_no_isolation_tool_is_a_one_line_refusal_unless_unsafe_is_asked_for(user):
-    """Without bwrap and unshare (PATH without them) the scorer refuses; the opt-out runs."""
+REFUSALS = [(user, {"PATH": "/nonexistent"}) for user in _users()]  # no bwrap, no unshare
+if os.geteuid() == 0:  # both installed, but the kernel refuses user namespaces to the scorer
+    REFUSALS.append(("nobody-without-userns", {}))
+
+
+@pytest.mark.parametrize(("user", "env"), REFUSALS, ids=[f"{u}-{bool(e)}" for u, e in REFUSALS])
+def test_without_isolation_a_one_line_refusal_unless_unsafe_is_asked_for(user, env):
+    """No tool, or no user namespaces: the scorer refuses, saying why and how; the opt-out runs."""
     writes_home = {"p": ("import os\nprint(sorted(os.environ))\n" + WRONG, GOOD_TEST, "")}
-    refused = _scoring_run("", user, {"PATH": "/nonexistent"}, writes_home)["report"]
+    refused = _scoring_run("", user, env, writes_home)["report"]
     assert "\n" not in refused["refused"]
     assert "cannot isolate generated programs" in refused["refused"]
-    assert "--unsafe-no-isolation" in refused["refused"]
-    unsafe = _scoring_run("", user, {"PATH": "/nonexistent", sandbox.UNSAFE_ENV: "1"}, writes_home)["report"]
+    assert "--unsafe-no-isolation" in refused["refused"] and "user namespaces" in refused["refused"]
+    unsafe = _scoring_run("", user, {**env, sandbox.UNSAFE_ENV: "1"}, writes_home)["report"]
     assert unsafe["sandbox"].startswith("NO ISOLATION")
     assert unsafe["outcomes"]["p"]["result"] == "failed: AssertionError"
