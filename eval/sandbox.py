@@ -78,9 +78,7 @@ class Outcome:
     stderr: str = ""
 
 
-# --------------------------------------------------------------------------------------------
-# Opt-in
-# --------------------------------------------------------------------------------------------
+# -------------------- Opt-in
 
 
 def _consent_file() -> Path:
@@ -110,9 +108,7 @@ def require_opt_in(allow: bool = False) -> None:
         )
 
 
-# --------------------------------------------------------------------------------------------
-# Mechanism: which tool isolates the programs on this machine
-# --------------------------------------------------------------------------------------------
+# -------------------- Mechanism: which tool isolates the programs on this machine
 
 BACKEND_ENV = "DS_EVAL_SANDBOX"  # `bwrap` or `unshare`: use only that one (default: the first that works)
 UNSAFE_ENV = "DS_EVAL_UNSAFE_NO_ISOLATION"  # `1`: the environment's form of the unsafe opt-out
@@ -174,9 +170,7 @@ def mechanism(unsafe_no_isolation: bool = False) -> Mechanism:
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Running programs
-# --------------------------------------------------------------------------------------------
+# -------------------- Running programs
 
 
 def run_program(program: str, test: str = "", check: str = "", limits: Limits | None = None) -> Outcome:
@@ -240,7 +234,7 @@ def _run(mech: Mechanism, program: str, test: str, check: str, limits: Limits) -
             "test": test,
             "check": check,
         }
-        return _supervise(proc, job, status_r, limits, uid)
+        return _supervise(proc, job, status_r, limits, uid, mech.backend == "bwrap")
     finally:
         for fd in (status_r, status_w):
             if fd >= 0:
@@ -376,8 +370,13 @@ def _rlimits(limits: Limits, private_user: bool) -> dict[str, int]:
     return rlimits
 
 
-def _supervise(proc: subprocess.Popen, job: dict, status_r: int, limits: Limits, uid: int | None) -> Outcome:
-    """Feed the job, collect capped output until exit or timeout, kill everything left, judge."""
+def _supervise(
+    proc: subprocess.Popen, job: dict, status_r: int, limits: Limits, uid: int | None, bwrap: bool
+) -> Outcome:
+    """Feed the job, collect capped output until exit or timeout, kill everything left, judge.
+
+    bubblewrap reports a program killed by signal N as exit status 128 + N: read back as -N.
+    """
     nonce = job["nonce"]
     try:
         proc.stdin.write(json.dumps(job).encode() + b"\n")
@@ -387,6 +386,8 @@ def _supervise(proc: subprocess.Popen, job: dict, status_r: int, limits: Limits,
     deadline = time.monotonic() + limits.timeout
     streams = _collect(proc, status_r, deadline, limits)
     rc = _kill_all(proc, uid)
+    if bwrap and 128 < rc < 128 + 65:
+        rc = 128 - rc
     out, err = (streams[k].decode("utf-8", "replace") for k in ("stdout", "stderr"))
     if streams["overflow"]:
         return Outcome(False, "failed: output limit exceeded", out, err)
@@ -453,7 +454,7 @@ def _kill_all(proc: subprocess.Popen, uid: int | None) -> int:
     rc = proc.wait()
     if uid is None:
         return rc
-    for _ in range(20):
+    for _ in range(300):  # up to 3 s on a busy machine
         pids = [pid for pid in _pids_of(uid) if pid != os.getpid()]
         if not pids:
             return rc
