@@ -7,7 +7,7 @@ isolation it chose, with one command-line argument, a JSON *config* (no secret i
   `unshare` made the namespaces; `isolate` below makes the mounts) or `none` (the user's explicit
   unsafe opt-out: only the audit hook and rlimits).
 - `uid`: a fresh private uid to drop to (the scorer runs as root), else None.
-- `workdir`, `covers`, `binds`, `writable`: the mount layout (`unshare` mode only).
+- `workdir`, `covers`, `binds`, `writable`, `disk_mb`: the mount layout (`unshare` mode only).
 
 The *job* (program, tests, check call, rlimits, the status fd and a random nonce) comes on stdin,
 which is drained before any sample code runs. The runner makes itself non-dumpable, so the kernel
@@ -96,7 +96,7 @@ def isolate(config: dict) -> None:
     """The mounts bubblewrap would make, inside the namespaces `unshare` made.
 
     Fresh tmpfs over `covers` (the temp dirs, the scorer's home, directories the private uid may not
-    cross), the interpreter's directories and the working directory bound back in through fds
+    cross) and the working directory, the interpreter's directories bound back in through fds
     opened before they were covered, everything read-only but `writable`, `/proc` and the working
     directory. As root the runner then drops to the private uid; as an ordinary user it enters a
     second user namespace where it is uid INNER_UID (root unmapped, so /proc/self of a non-dumpable
@@ -105,16 +105,19 @@ def isolate(config: dict) -> None:
     """
     libc = ctypes.CDLL(None, use_errno=True)
     workdir = config["workdir"]
-    kept = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in [*config["binds"], workdir]}
-    for cover in config["covers"]:
+    kept = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in config["binds"]}
+    size = config["disk_mb"] << 20
+    for cover in config["covers"]:  # hidden ones stay small: a user namespace's uid may write them
         if not os.path.isdir(cover):
             continue
-        mode = "1777" if cover in config["writable"] else "755"
-        mount(libc, b"tmpfs", cover, b"tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode}".encode())
+        options = f"mode=1777,size={size}" if cover in config["writable"] else "mode=755,size=1048576"
+        mount(libc, b"tmpfs", cover, b"tmpfs", MS_NOSUID | MS_NODEV, options.encode())
     for path, fd in kept.items():
         os.makedirs(path, exist_ok=True)
         mount(libc, f"/proc/self/fd/{fd}".encode(), path, None, MS_BIND | MS_REC, None)
         os.close(fd)
+    os.makedirs(workdir, exist_ok=True)
+    mount(libc, b"tmpfs", workdir, b"tmpfs", MS_NOSUID | MS_NODEV, f"mode=777,size={size}".encode())
     rdonly = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID  # not NODEV: /dev/null is a device
     set_mount_attr(libc, "/", AT_RECURSIVE, rdonly, 0)
     for path in [*config["writable"], workdir, "/proc"]:

@@ -1,23 +1,21 @@
 """Run model-written programs so that they cannot harm the machine or fake a pass.
 
-The kernel isolates each program (`eval/README.md` has the attacks tried and what stops each): it
-runs `eval/runner.py` in a fresh `python -I -S` under bubblewrap (`bwrap`) or, where that is
-missing, util-linux `unshare` (the runner then makes the mounts itself), in its own pid, mount,
-network, ipc and uts namespaces; the host read-only but its throw-away working directory; private
-`/tmp`, `/var/tmp`, `/dev/shm`; the scorer's home and the other workdirs hidden; a fresh uid per
-program as root, an unprivileged user namespace otherwise; rlimits, a wall-clock timeout, an output
-cap and a scrubbed environment; the runner's audit hook as a second layer. Where no backend works
-the scorer refuses (one line, saying how to allow it) unless the user opts out as unsafe.
+The kernel isolates each program (`eval/README.md` lists the attacks tried and what stops each):
+`eval/runner.py` runs in `python -I -S` under bubblewrap, else util-linux `unshare`, in its own pid,
+mount, network, ipc and uts namespaces; the host read-only and the scorer's home and the other
+workdirs hidden; its workdir, `/tmp`, `/var/tmp`, `/dev/shm` private size-limited tmpfs; a fresh uid
+per program as root, an unprivileged user namespace otherwise; rlimits, a timeout, an output cap, a
+scrubbed environment, and the runner's audit hook as a second layer. Where no backend works the
+scorer refuses (one line, saying how to allow it) unless the user opts out as unsafe.
 
 **The verdict.** A random per-run nonce reaches the runner on its stdin (drained before any sample
 code runs); the runner makes itself non-dumpable, so the kernel closes `/proc/self/mem` and
-`/proc/self/fd` to the program whatever path or `dir_fd` it uses, runs the sample, the tests with
-fresh builtins and the check call, and only then writes the nonce to a status pipe. A program
-passes iff it exited 0 *and* the status pipe holds the nonce.
+`/proc/self/fd` to the program whatever path or `dir_fd` it uses, and writes the nonce to a status
+pipe only after the sample, the tests (with fresh builtins) and the check call. A program passes
+iff it exited 0 *and* the status pipe holds the nonce.
 
 Known limits: the tests run in the sample's process, so they trust its objects (a returned object
-whose `__eq__` is always true passes `assert f(x) == y`), and a sample can patch modules the tests
-import (e.g. `math`).
+whose `__eq__` is always true passes `assert f(x) == y`); a sample can patch modules they import.
 """
 
 from __future__ import annotations
@@ -66,6 +64,8 @@ class Limits:
     """Bytes of stdout and of stderr kept (each); the rest is discarded."""
     max_output_mb: int = 8
     """Total output after which the program is killed."""
+    disk_mb: int = 64
+    """Size of each private tmpfs the program may write: its workdir, /tmp, /var/tmp, /dev/shm."""
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ def _run(mech: Mechanism, program: str, test: str, check: str, limits: Limits) -
         if uid is not None:
             os.chown(workdir, uid, uid)
         proc = subprocess.Popen(
-            _command(mech, workdir, uid),
+            _command(mech, workdir, uid, limits.disk_mb),
             cwd=workdir,
             env=_clean_env(workdir),
             stdin=subprocess.PIPE,
@@ -242,8 +242,11 @@ def _run(mech: Mechanism, program: str, test: str, check: str, limits: Limits) -
         _remove_tree(workdir)
 
 
-def _command(mech: Mechanism, workdir: str, uid: int | None) -> list[str]:
-    """The command line: the backend's wrapper, then `python -I -S -c <eval/runner.py> CONFIG`."""
+def _command(mech: Mechanism, workdir: str, uid: int | None, disk_mb: int) -> list[str]:
+    """The command line: the backend's wrapper, then `python -I -S -c <eval/runner.py> CONFIG`.
+
+    With isolation the workdir is a private tmpfs too: nothing a program writes reaches the host.
+    """
     covers, binds, writable = _layout()
     config = {
         "mode": mech.backend,
@@ -252,6 +255,7 @@ def _command(mech: Mechanism, workdir: str, uid: int | None) -> list[str]:
         "covers": covers,
         "binds": binds,
         "writable": writable,
+        "disk_mb": disk_mb,
     }
     python = [_interpreter(), "-I", "-S", "-c", _runner_source(), json.dumps(config)]
     if mech.backend == "none":
@@ -270,7 +274,9 @@ def _command(mech: Mechanism, workdir: str, uid: int | None) -> list[str]:
         args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         args += ["--unshare-user", "--uid", str(INNER_UID), "--gid", str(INNER_UID), "--disable-userns"]
-    for cover in covers:
+    size = str(disk_mb << 20)
+    for cover in covers:  # hidden ones stay small: a user namespace's uid may write them
+        args += ["--size", size if cover in writable else "1048576"]
         args += ["--perms", "1777" if cover in writable else "0755", "--tmpfs", cover]
     made = set(covers)
     for path in binds:  # bwrap would create the directories on the way as 0700
@@ -279,7 +285,8 @@ def _command(mech: Mechanism, workdir: str, uid: int | None) -> list[str]:
                 args += ["--perms", "0755", "--dir", parent]
                 made.add(parent)
         args += ["--ro-bind", path, path]
-    return [*args, "--bind", workdir, workdir, "--chdir", workdir, *python]
+    args += ["--size", size, "--perms", "0777", "--tmpfs", workdir, "--chdir", workdir]
+    return [*args, *python]
 
 
 @lru_cache(maxsize=1)
@@ -330,18 +337,14 @@ def _ancestors(path: str) -> list[str]:
 def _remove_tree(path: str) -> None:
     """Remove a workdir whatever the program did to its modes (a 000 subdirectory, say)."""
     try:
-        _make_removable(path)
+        os.chmod(path, 0o700)
+        for parent, dirs, _ in os.walk(path):  # each directory opened before walk descends into it
+            for target in [os.path.join(parent, name) for name in dirs]:
+                if not os.path.islink(target):
+                    os.chmod(target, 0o700)
         shutil.rmtree(path)
     except OSError as err:
         log.warning("could not remove the sandbox workdir %s: %s", path, err)
-
-
-def _make_removable(path: str) -> None:
-    os.chmod(path, 0o700)
-    with os.scandir(path) as entries:
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                _make_removable(entry.path)
 
 
 def _clean_env(workdir: str) -> dict[str, str]:
@@ -357,17 +360,16 @@ def _clean_env(workdir: str) -> dict[str, str]:
 
 
 def _rlimits(limits: Limits, private_user: bool) -> dict[str, int]:
-    mib = 1024 * 1024
-    rlimits = {
+    """NPROC counts every process of a uid (per user namespace): set only for a private one."""
+    nproc = {"RLIMIT_NPROC": limits.nproc} if private_user else {}
+    return {
         "RLIMIT_CPU": int(limits.timeout) + 1,
-        "RLIMIT_AS": limits.memory_mb * mib,
-        "RLIMIT_FSIZE": limits.file_size_mb * mib,
+        "RLIMIT_AS": limits.memory_mb << 20,
+        "RLIMIT_FSIZE": limits.file_size_mb << 20,
         "RLIMIT_NOFILE": 64,
         "RLIMIT_CORE": 0,
+        **nproc,
     }
-    if private_user:  # NPROC counts every process of the user: only meaningful for a private uid
-        rlimits["RLIMIT_NPROC"] = limits.nproc
-    return rlimits
 
 
 def _supervise(

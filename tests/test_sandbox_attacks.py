@@ -137,6 +137,20 @@ def _cases(tag: str, victim: Path, home: Path, tmp: Path) -> dict[str, tuple[str
             GOOD_TEST,
             "",
         ),
+        "fill_the_disk": (  # right only if 320 MiB fit: its workdir and temp dirs hold 4 x 64 MiB
+            "import os\nwritten = 0\n"
+            "for d in ('.', '/tmp', '/var/tmp', '/dev/shm'):\n"
+            "    try:\n"
+            "        for i in range(40):\n"
+            "            fd = os.open(f'fill{i}', os.O_WRONLY | os.O_CREAT, dir_fd=os.open(d, os.O_RDONLY))\n"
+            "            written += os.write(fd, b'x' * (8 << 20))\n"
+            "            os.close(fd)\n"
+            "    except OSError as e:\n"
+            "        print(e)\n"
+            "ok = written >= 320 << 20\n" + RIGHT_IF_OK,
+            GOOD_TEST,
+            "",
+        ),
         "proc_environ_of_scorer": (
             PROC_SCAN
             + "ok = 'ds-eval-attack-secret' in found\nif ok:\n    raise SystemExit(found)\n"
