@@ -314,15 +314,16 @@ def _layout() -> tuple[list[str], list[str], list[str]]:
         for p in (sys.base_prefix, os.path.dirname(_interpreter()), *sysconfig.get_paths().values())
         if os.path.isdir(p)
     }
-    covers = set(writable) | {os.path.realpath(tempfile.gettempdir())}
-    home = os.path.realpath(os.path.expanduser("~"))
-    if home != "/" and os.path.isdir(home):
-        covers.add(home)
+    covers = set(writable) | {
+        os.path.realpath(tempfile.gettempdir()),
+        os.path.realpath(os.path.expanduser("~")),
+    }
     if os.geteuid() == 0:
         for path in needed:
             closed = next((a for a in _ancestors(path) if not os.stat(a).st_mode & stat.S_IXOTH), None)
             if closed:
                 covers.add(closed)
+    covers = {c for c in covers if c != "/" and os.path.isdir(c)}  # never hide the whole host
     binds = sorted(p for p in needed if any(p == c or p.startswith(c.rstrip("/") + "/") for c in covers))
     binds = [p for p in binds if not any(p.startswith(q + "/") for q in binds)]  # parents cover children
     return sorted(covers, key=lambda p: (p.count("/"), p)), binds, writable
