@@ -304,7 +304,7 @@ def _layout() -> tuple[list[str], list[str], list[str]]:
     """(covers, binds, writable) of the sandbox's mount layout.
 
     covers get a fresh tmpfs: the temp directories (private and writable), the directory of the
-    scorer's temp dirs (so no program sees another's), the scorer's home, and, for a private uid,
+    scorer's temp dirs (so no program sees another's), the scorer's home, /run, and, for a private uid,
     the first directory on the way to the interpreter that other users may not cross (e.g. /root).
     binds are the interpreter's own directories under a cover, bound back read-only.
     """
@@ -314,10 +314,8 @@ def _layout() -> tuple[list[str], list[str], list[str]]:
         for p in (sys.base_prefix, os.path.dirname(_interpreter()), *sysconfig.get_paths().values())
         if os.path.isdir(p)
     }
-    covers = set(writable) | {
-        os.path.realpath(tempfile.gettempdir()),
-        os.path.realpath(os.path.expanduser("~")),
-    }
+    tmp, home = os.path.realpath(tempfile.gettempdir()), os.path.realpath(os.path.expanduser("~"))
+    covers = {*writable, tmp, home, "/run"}  # /run: its sockets (buses, agents) ignore read-only mounts
     if os.geteuid() == 0:
         for path in needed:
             closed = next((a for a in _ancestors(path) if not os.stat(a).st_mode & stat.S_IXOTH), None)

@@ -12,6 +12,7 @@ traversable so that nobody can start this interpreter.
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -41,7 +42,7 @@ PROC_SCAN = (
 )
 
 
-def _cases(tag: str, victim: Path, home: Path, tmp: Path) -> dict[str, tuple[str, str, str]]:
+def _cases(tag: str, victim: Path, home: Path, tmp: Path, sockets=()) -> dict[str, tuple[str, str, str]]:
     """name -> (program, test, check). `tag` marks every name an attack tries to create."""
     v = f"v = os.open({str(victim)!r}, os.O_RDONLY)\n"
     t = "t = os.open('/tmp', os.O_RDONLY)\n"
@@ -235,6 +236,18 @@ def _cases(tag: str, victim: Path, home: Path, tmp: Path) -> dict[str, tuple[str
             GOOD_TEST,
             "",
         ),
+        "unix_sockets_of_the_scorer's_user": (  # like an agent's socket; one in /run, one beside the victims
+            "import _socket\n"
+            + attempt(
+                *(
+                    f"s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM); s.connect({str(p)!r}); s.send(b'x')"
+                    for p in sockets
+                )
+            )
+            + WRONG,
+            GOOD_TEST,
+            "",
+        ),
         "good": ("def f(x):\n    return 2 * x\n", GOOD_TEST, ""),
     }
 
@@ -352,7 +365,8 @@ def _scoring_run(backend: str, user: str, extra_env: dict | None = None, cases: 
     for path in [base, *base.rglob("*")]:
         os.chown(path, uid, uid)
     os.chmod(home / "token", 0o600)
-    cases = cases if cases is not None else _cases(tag, victim, home, tmp)
+    listeners = _listen([base / "agent.sock", Path(f"/run/ds-eval-attack-{tag}.sock")], uid)
+    cases = cases if cases is not None else _cases(tag, victim, home, tmp, [p for p, _ in listeners])
     cases_path, out_path = base / "cases.json", base / "out.json"
     cases_path.write_text(json.dumps(cases))
     os.chown(cases_path, uid, uid)
@@ -393,8 +407,37 @@ def _scoring_run(backend: str, user: str, extra_env: dict | None = None, cases: 
         ),
     }
     host["processes_left"] = _processes_under(base)
+    host["unix_connected"] = _connected(listeners)
     shutil.rmtree(base)
     return host
+
+
+def _listen(paths: list[Path], uid: int) -> list[tuple[Path, socket.socket]]:
+    """Unix sockets the scorer's user owns and may connect to (0777), listening."""
+    listeners = []
+    for path in paths:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        os.chown(path, uid, uid)
+        os.chmod(path, 0o777)
+        listener.listen(4)
+        listener.settimeout(0.1)
+        listeners.append((path, listener))
+    return listeners
+
+
+def _connected(listeners: list[tuple[Path, socket.socket]]) -> list[str]:
+    """The sockets someone connected to; closes and removes them all."""
+    reached = []
+    for path, listener in listeners:
+        try:
+            listener.accept()[0].close()
+            reached.append(str(path))
+        except TimeoutError:
+            pass
+        listener.close()
+        path.unlink()
+    return reached
 
 
 def _processes_under(base: Path) -> list[int]:
@@ -435,6 +478,7 @@ EFFECT_ABSENT = {  # case -> host check that is true when the attack had no effe
     "dbm_file": _created("dbm_"),
     "leftovers_everywhere": _created("big_"),
     "home_token": lambda h: h["home_left"] == ["token"],
+    "unix_sockets_of_the_scorer's_user": lambda h: h["unix_connected"] == [],
     "pidfd_kill_scorer": lambda h: h["rc"] == 0 and h["report"]["outcomes"]["good"]["passed"],
     "hardlink_victim": lambda h: h["victim"]["keep.txt"] == PRECIOUS,
     "symlink_out_of_workdir": lambda h: h["victim"]["keep.txt"] == PRECIOUS,
