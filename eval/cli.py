@@ -100,6 +100,11 @@ def _scoring_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="agree, once for this machine, to run model-written code in the sandbox",
     )
+    parser.add_argument(
+        "--unsafe-no-isolation",
+        action="store_true",
+        help="where the kernel cannot isolate the programs, run them anyway (UNSAFE: audit hook only)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,7 +238,9 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.no_score:
         write_json_atomic(out / "report.json", record)
         return 0
-    return score_and_report(tasks, samples, ks, timeout, args.workers, out / "report.json", record)
+    return score_and_report(
+        tasks, samples, ks, timeout, args.workers, out / "report.json", record, args.unsafe_no_isolation
+    )
 
 
 def run_score(args: argparse.Namespace) -> int:
@@ -255,7 +262,9 @@ def run_score(args: argparse.Namespace) -> int:
         "incremental": args.incremental,
         "timeout": timeout,
     }
-    return score_and_report(tasks, samples, ks, timeout, args.workers, report_path, record)
+    return score_and_report(
+        tasks, samples, ks, timeout, args.workers, report_path, record, args.unsafe_no_isolation
+    )
 
 
 def generation_record(report_path: Path) -> dict:
@@ -270,7 +279,14 @@ def generation_record(report_path: Path) -> dict:
 
 
 def score_and_report(
-    tasks: list, samples: Path, ks: list[int], timeout: float, workers, report_path: Path, record: dict
+    tasks: list,
+    samples: Path,
+    ks: list[int],
+    timeout: float,
+    workers,
+    report_path: Path,
+    record: dict,
+    unsafe_no_isolation: bool = False,
 ) -> int:
     """Score, then print the table and the JSON line and write `report_path` (atomically)."""
     from eval.sandbox import Limits
@@ -278,7 +294,15 @@ def score_and_report(
 
     if workers is not None and workers < 1:
         raise UsageError(f"--workers must be positive, got {workers}")
-    report = score(tasks, samples, ks, Limits(timeout=timeout), workers, progress=sys.stderr.isatty())
+    report = score(
+        tasks,
+        samples,
+        ks,
+        Limits(timeout=timeout),
+        workers,
+        progress=sys.stderr.isatty(),
+        unsafe_no_isolation=unsafe_no_isolation,
+    )
     summary = report.as_json()
     if any("#inc" in task for task in report.counts):
         summary["macro"] = dict(report.overall)  # every sub-task once (the original's macro)

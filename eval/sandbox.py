@@ -1,32 +1,21 @@
 """Run model-written programs so that they cannot harm the machine or fake a pass.
 
-Each program runs in a fresh `python -I` process that is its own session and process group, in
-a throw-away working directory, with a scrubbed environment, and with these layers:
+The kernel isolates each program (`eval/README.md` lists the attacks tried and what stops each):
+`eval/runner.py` runs in `python -I -S` under bubblewrap, else util-linux `unshare`, in its own pid,
+mount, network, ipc and uts namespaces; the host read-only and the scorer's home and the other
+workdirs hidden; its workdir, `/tmp`, `/var/tmp`, `/dev/shm` private size-limited tmpfs; a fresh uid
+per program as root, an unprivileged user namespace otherwise; rlimits, a timeout, an output cap, a
+scrubbed environment, and the runner's audit hook as a second layer. Where no backend works the
+scorer refuses (one line, saying how to allow it) unless the user opts out as unsafe.
 
-- **rlimits**: CPU time, address space, file size, open files, no core files, processes
-  (RLIMIT_NPROC, which only binds per user: see the next point).
-- **a private user** (when the scorer runs as root): the child drops to a random unused uid/gid,
-  so it cannot signal the scorer or other samples, cannot write the project's files, and its
-  RLIMIT_NPROC counts only its own processes; at the end every process of that uid is killed.
-- **no network**: a new, empty network namespace (`unshare(CLONE_NEWNET)`, root only) when the
-  machine allows it, checked once by a probe; in every case socket creation is refused.
-- **an audit hook** (`sys.addaudithook`, which no Python code can remove) installed before the
-  sample runs. It refuses sockets, subprocesses, fork/exec, signals to other processes, ctypes,
-  writes / deletions outside the working directory, reads under /proc, and every way to reach a
-  frame object (`sys._getframe`, traceback / generator frames, `gc.get_objects`, tracing and
-  profiling hooks), so a sample can neither skip the tests' asserts with a trace function nor
-  read the runner's state. Python signal handlers are disabled (they receive frames).
+**The verdict.** A random per-run nonce reaches the runner on its stdin (drained before any sample
+code runs); the runner makes itself non-dumpable, so the kernel closes `/proc/self/mem` and
+`/proc/self/fd` to the program whatever path or `dir_fd` it uses, and writes the nonce to a status
+pipe only after the sample, the tests (with fresh builtins) and the check call. A program passes
+iff it exited 0 *and* the status pipe holds the nonce.
 
-**The verdict.** The runner reads a random per-run nonce from its stdin pipe (never in the
-program text, argv, environment or files; the pipe is drained before any sample code runs), runs
-the sample, then the tests with a fresh copy of the builtins (so monkeypatching `builtins` does
-not reach the asserts), then the check call, and only then writes the nonce to a status pipe. A
-program passes iff it exited with status 0 *and* the status pipe holds the nonce: `sys.exit(0)` or
-`os._exit(0)` before the asserts, a failed assert, a crash or a timeout all fail.
-
-Known limits: a sample can still return objects that lie in `__eq__`, or patch modules the tests
-import (e.g. `math`); a deliberate attack on CPython internals from inside the process (the audit
-hook is a tripwire, not a security boundary) is contained by the other layers, not detected.
+Known limits: the tests run in the sample's process, so they trust its objects (a returned object
+whose `__eq__` is always true passes `assert f(x) == y`); a sample can patch modules they import.
 """
 
 from __future__ import annotations
@@ -34,13 +23,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import secrets
 import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -49,28 +39,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from ds_train.errors import UsageError, first_line
+from eval import runner
+from eval.runner import INNER_UID, SETUP_FAILED
+
 log = logging.getLogger(__name__)
 
 OPT_IN_ENV = "DS_TRAIN_ALLOW_CODE_EXECUTION"
-_SETUP_FAILED = 3  # the runner's exit status when it could not set the sandbox up
-_IMPORT_RE = re.compile(r"^[ \t]*(?:from[ \t]+([\w.]+)[ \t]+import\b|import[ \t]+([\w., \t]+))", re.MULTILINE)
-_NO_PRELOAD = frozenset(
-    {
-        "antigravity",
-        "this",
-        "webbrowser",
-        "turtle",
-        "turtledemo",
-        "tkinter",
-        "idlelib",
-        "__hello__",
-        "__phello__",
-        "pydoc",
-        "ensurepip",
-        "venv",
-        "pip",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -89,6 +64,8 @@ class Limits:
     """Bytes of stdout and of stderr kept (each); the rest is discarded."""
     max_output_mb: int = 8
     """Total output after which the program is killed."""
+    disk_mb: int = 64
+    """Size of each private tmpfs the program may write: its workdir, /tmp, /var/tmp, /dev/shm."""
 
 
 @dataclass(frozen=True)
@@ -101,189 +78,7 @@ class Outcome:
     stderr: str = ""
 
 
-# --------------------------------------------------------------------------------------------
-# The runner: the trusted code that starts the child process (python -I -c RUNNER)
-# --------------------------------------------------------------------------------------------
-
-RUNNER = r'''
-def _main():
-    import builtins, json, os, resource, sys
-    chunks = []
-    while True:  # the whole job, straight from the pipe: no buffer object keeps a copy
-        chunk = os.read(0, 1 << 20)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    job = json.loads(b"".join(chunks))
-    nonce = job.pop("nonce").encode()
-    del chunks, chunk
-    os.dup2(job["status_fd"], 3)
-    if job["status_fd"] != 3:
-        os.close(job["status_fd"])
-    path = sys.path
-    if job["netns"] or job["mountns"]:
-        path = _namespaces(job["netns"], job["mountns"], path)
-    for name, value in job["rlimits"].items():
-        resource.setrlimit(getattr(resource, name), (value, value))
-    for name in job["preload"]:
-        try:
-            __import__(name)
-        except BaseException:
-            pass
-    if job["uid"] is not None:
-        os.setgroups([])
-        os.setgid(job["uid"])
-        os.setuid(job["uid"])
-    _repath(dict(zip(sys.path, path)) if path is not sys.path else {})
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    sys.stdin = sys.__stdin__ = open(0, closefd=False)
-    import warnings
-    with warnings.catch_warnings():  # e.g. spwd on 3.12 warns that it is deprecated
-        warnings.simplefilter("ignore")
-        for name in sys.builtin_module_names:  # loaded now: creating builtin modules is refused later
-            if name not in sys.modules and name != "xxsubtype":
-                __import__(name)
-    try:
-        phases = [compile(job[k], "<" + k + ">", "exec") for k in ("program", "test", "check")]
-    except SyntaxError as err:
-        os.write(2, ("SyntaxError: %s (line %s)\n" % (err.msg, err.lineno)).encode())
-        os._exit(1)
-    workdir = os.path.realpath(os.getcwd())
-    _disable_signals()
-    sys.addaudithook(_make_hook(workdir))
-    run, write, exit_, clean = exec, os.write, os._exit, dict(builtins.__dict__)
-    sample = {"__name__": "__main__", "__builtins__": builtins}
-    del job, builtins, json, resource
-    run(phases[0], sample)
-    tests = dict(sample)
-    tests["__builtins__"] = dict(clean)
-    run(phases[1], tests)
-    run(phases[2], tests)
-    write(3, nonce)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BaseException:
-            pass
-    exit_(0)
-
-
-def _namespaces(netns, mountns, path):
-    """New network / mount namespaces; with a mount namespace, bind sys.path under the workdir
-    so that the private uid can import the standard library even where its real location is
-    unreadable to other users (e.g. under /root). Returns the sys.path to use."""
-    import ctypes, os
-    libc = ctypes.CDLL(None, use_errno=True)
-    def fail(what):
-        os.write(2, ("sandbox: %s failed (errno %d)\n" % (what, ctypes.get_errno())).encode())
-        os._exit(3)
-    if libc.unshare((0x40000000 if netns else 0) | (0x20000 if mountns else 0)) != 0:
-        fail("unshare")
-    if not mountns:
-        return path
-    if libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None) != 0:  # MS_REC | MS_PRIVATE
-        fail("mount --make-rprivate /")
-    new_path = []
-    for i, entry in enumerate(path):
-        if not os.path.isdir(entry):
-            new_path.append(entry)
-            continue
-        target = os.path.join(os.getcwd(), ".sys.path", str(i))
-        os.makedirs(target)
-        if libc.mount(os.fsencode(entry), os.fsencode(target), None, 0x1000 | 0x4000, None) != 0:  # MS_BIND|MS_REC
-            fail("bind mount of " + entry)
-        if libc.mount(None, os.fsencode(target), None, 0x20 | 0x1000 | 0x1, None) != 0:  # remount read-only
-            fail("read-only remount of " + entry)
-        new_path.append(target)
-    return new_path
-
-
-def _repath(moved):
-    """Point sys.path and the __path__ of imported packages at the bound copies."""
-    import sys
-    if not moved:
-        return
-    sys.path[:] = [moved.get(entry, entry) for entry in sys.path if entry in moved]
-    sys.path_importer_cache.clear()
-    for module in list(sys.modules.values()):
-        paths = getattr(module, "__path__", None)
-        if isinstance(paths, list):
-            for i, entry in enumerate(paths):
-                for old, new in moved.items():
-                    if entry == old or entry.startswith(old + "/"):
-                        paths[i] = new + entry[len(old):]
-                        break
-
-
-def _disable_signals():
-    import _imp, _signal
-    def refuse(*args, **kwargs):
-        raise PermissionError("sandbox: not allowed here")
-    _signal.signal = refuse
-    _imp.create_builtin = _imp.exec_builtin = refuse
-    if "signal" in __import__("sys").modules:
-        __import__("sys").modules["signal"].signal = refuse
-
-
-def _make_hook(workdir):
-    import os
-    realpath, join, getcwd, fsdecode = os.path.realpath, os.path.join, os.getcwd, os.fsdecode
-    blocked = frozenset((
-        "os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.kill",
-        "os.killpg", "os.setuid", "subprocess.Popen", "pty.spawn", "sys.settrace", "sys.setprofile",
-        "sys._current_frames", "sys._current_exceptions", "gc.get_objects", "gc.get_referrers",
-        "gc.get_referents", "sys.monitoring.register_callback", "sys.monitoring.set_events",
-        "sys.monitoring.set_local_events", "sys.addaudithook", "code.__new__", "function.__new__",
-        "cpython.PyInterpreterState_New", "_posixsubprocess.fork_exec", "os.chroot", "resource.setrlimit",
-        "resource.prlimit", "mmap.__new__", "webbrowser.open",
-    ))
-    writes = frozenset((
-        "os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.link",
-        "os.symlink", "os.truncate", "os.utime", "shutil.rmtree", "shutil.copyfile", "shutil.move",
-        "os.chflags", "os.setxattr", "os.removexattr", "os.mkfifo", "os.mknod",
-    ))
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-
-    def inside(path, dir_fd=None):
-        if isinstance(path, int):
-            return True
-        path = realpath(join(getcwd(), fsdecode(path)))
-        return path == workdir or path.startswith(workdir + "/")
-
-    def hook(event, args):
-        if event in blocked or event.startswith(("socket.", "ctypes.", "_ctypes.")):
-            raise PermissionError("sandbox: %s is not allowed" % event)
-        if event == "sys._getframe":
-            raise ValueError("sandbox: sys._getframe is not allowed")
-        if event == "object.__getattr__" and "frame" in str(args[1]):
-            raise PermissionError("sandbox: frame objects are not reachable")
-        if event == "object.__setattr__" and args[1] == "__code__":
-            raise PermissionError("sandbox: replacing code objects is not allowed")
-        if event == "import" and str(args[0]).split(".")[0] in ("ctypes", "_ctypes", "_testcapi"):
-            raise PermissionError("sandbox: import of %s is not allowed" % args[0])
-        if event == "open":
-            path, mode, flags = args
-            if isinstance(path, (str, bytes)) and realpath(fsdecode(path)).startswith("/proc"):
-                raise PermissionError("sandbox: /proc is not readable")
-            wants_write = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & write_flags)
-            if wants_write and not inside(path):
-                raise PermissionError("sandbox: writing outside the working directory is not allowed")
-        if event in writes:
-            for path in args:
-                if isinstance(path, (str, bytes, os.PathLike)) and not inside(path):
-                    raise PermissionError("sandbox: changing files outside the working directory is not allowed")
-    return hook
-
-
-_main()
-'''
-
-
-# --------------------------------------------------------------------------------------------
-# Opt-in
-# --------------------------------------------------------------------------------------------
+# -------------------- Opt-in
 
 
 def _consent_file() -> Path:
@@ -296,7 +91,7 @@ def require_opt_in(allow: bool = False) -> None:
 
     Consent is `--allow-code-execution` or `DS_TRAIN_ALLOW_CODE_EXECUTION=1` once; it is then
     remembered in `~/.cache/ds_train/` so later runs on that machine need neither.
-    Raises ValueError (a one-line explanation) without consent.
+    Raises UsageError (a one-line explanation) without consent.
     """
     marker = _consent_file()
     if allow or os.environ.get(OPT_IN_ENV) == "1":
@@ -307,57 +102,75 @@ def require_opt_in(allow: bool = False) -> None:
             log.warning("could not remember the code-execution opt-in in %s: %s", marker, err)
         return
     if not marker.is_file():
-        raise ValueError(
+        raise UsageError(
             "scoring runs model-written code (in a sandbox); allow it once on this machine with "
             f"--allow-code-execution or {OPT_IN_ENV}=1"
         )
 
 
-# --------------------------------------------------------------------------------------------
-# Mechanism
-# --------------------------------------------------------------------------------------------
+# -------------------- Mechanism: which tool isolates the programs on this machine
+
+BACKEND_ENV = "DS_EVAL_SANDBOX"  # `bwrap` or `unshare`: use only that one (default: the first that works)
+UNSAFE_ENV = "DS_EVAL_UNSAFE_NO_ISOLATION"  # `1`: the environment's form of the unsafe opt-out
+BACKENDS = ("bwrap", "unshare")
+HOW_TO_ALLOW = (
+    "install bubblewrap (e.g. `apt-get install bubblewrap`) and allow unprivileged user namespaces "
+    "(`sysctl -w user.max_user_namespaces=15000`, `kernel.unprivileged_userns_clone=1` where it exists, "
+    "`kernel.apparmor_restrict_unprivileged_userns=0` on Ubuntu), or run the scorer as root; "
+    "--unsafe-no-isolation runs the programs without it (unsafe)"
+)
 
 
 @dataclass(frozen=True)
 class Mechanism:
-    """How programs are isolated on this machine."""
+    """How programs are isolated here: `backend` is `bwrap`, `unshare` or `none` (unsafe opt-out)."""
 
-    private_user: bool
-    netns: bool
-    mountns: bool = False
+    backend: str
+    root: bool  # the scorer is root: each program gets a fresh uid; else a user namespace
 
     def describe(self) -> str:
-        parts = ["process group", "rlimits", "audit hook", "scrubbed env", "temp workdir"]
-        if self.private_user:
-            parts.insert(1, "private uid")
-        if self.mountns:
-            parts.append("stdlib bound into a mount namespace")
-        parts.append("network namespace" if self.netns else "sockets refused by the audit hook")
-        return ", ".join(parts)
+        if self.backend == "none":
+            return "NO ISOLATION (--unsafe-no-isolation): rlimits, audit hook, scrubbed env, temp workdir"
+        tool = "bubblewrap" if self.backend == "bwrap" else "util-linux unshare"
+        who = "private uid per program" if self.root else f"unprivileged user namespace (uid {INNER_UID})"
+        return (
+            f"{tool}: {who}; pid, network, ipc, uts and mount namespaces; read-only filesystem but the "
+            "workdir; private /tmp, /var/tmp, /dev/shm; home hidden; non-dumpable runner; rlimits; audit hook"
+        )
 
 
-@lru_cache(maxsize=1)
-def mechanism() -> Mechanism:
-    """Detect once what this machine allows: a private uid and a network namespace need root."""
-    if os.geteuid() != 0:
-        mech = Mechanism(private_user=False, netns=False)
-    else:
-        for mech in (
-            Mechanism(True, True, True),
-            Mechanism(True, True, False),
-            Mechanism(True, False, False),
-        ):
-            probe = _run(mech, "import fractions, heapq\n", "", "", Limits(timeout=20))
-            if probe.passed:
-                break
-            log.warning("sandbox: %s does not work here (%s)", mech.describe(), probe.result)
-    log.info("sandbox: %s", mech.describe())
-    return mech
+@lru_cache(maxsize=4)
+def mechanism(unsafe_no_isolation: bool = False) -> Mechanism:
+    """The first backend whose probe passes here; UsageError (one line) when none does.
+
+    The probe runs a real program under the backend. With `unsafe_no_isolation` (or
+    DS_EVAL_UNSAFE_NO_ISOLATION=1) a machine without any gives the `none` mechanism instead.
+    """
+    root = os.geteuid() == 0
+    forced = os.environ.get(BACKEND_ENV)
+    if forced and forced not in BACKENDS:
+        raise UsageError(f"{BACKEND_ENV}={forced!r}: expected one of {', '.join(BACKENDS)}")
+    why = []
+    for backend in [forced] if forced else BACKENDS:
+        if shutil.which(backend) is None:
+            why.append(f"{backend} is not installed")
+            continue
+        mech = Mechanism(backend, root)
+        probe = _run(mech, "import fractions, heapq\n", "", "", Limits(timeout=20))
+        if probe.passed:
+            log.info("sandbox: %s", mech.describe())
+            return mech
+        why.append(f"{backend} does not work ({first_line(probe.result)})")
+    if unsafe_no_isolation or os.environ.get(UNSAFE_ENV) == "1":
+        log.warning("sandbox: running generated programs WITHOUT isolation: %s", "; ".join(why))
+        return Mechanism("none", root)
+    raise UsageError(
+        f"cannot isolate generated programs as {'root' if root else f'uid {os.geteuid()}'}: "
+        f"{'; '.join(why)}; {HOW_TO_ALLOW}"
+    )
 
 
-# --------------------------------------------------------------------------------------------
-# Running programs
-# --------------------------------------------------------------------------------------------
+# -------------------- Running programs
 
 
 def run_program(program: str, test: str = "", check: str = "", limits: Limits | None = None) -> Outcome:
@@ -370,6 +183,7 @@ def run_many(
     limits: Limits | None = None,
     workers: int | None = None,
     on_done: Callable[[int, Outcome], None] | None = None,
+    unsafe_no_isolation: bool = False,
 ) -> list[Outcome]:
     """Run (program, test, check) triples on a pool of `workers` threads (each waits on one child).
 
@@ -377,7 +191,7 @@ def run_many(
     """
     jobs = list(jobs)
     limits = limits or Limits()
-    mech = mechanism()
+    mech = mechanism(unsafe_no_isolation)
     outcomes: list[Outcome | None] = [None] * len(jobs)
 
     def one(index: int) -> None:
@@ -393,14 +207,14 @@ def run_many(
 
 
 def _run(mech: Mechanism, program: str, test: str, check: str, limits: Limits) -> Outcome:
-    uid = 100_000 + secrets.randbelow(1_000_000_000) if mech.private_user else None
+    uid = 100_000 + secrets.randbelow(1_000_000_000) if mech.root and mech.backend != "none" else None
     workdir = tempfile.mkdtemp(prefix="ds-eval-")
     status_r, status_w = os.pipe()
     try:
         if uid is not None:
             os.chown(workdir, uid, uid)
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", RUNNER],
+            _command(mech, workdir, uid, limits.disk_mb),
             cwd=workdir,
             env=_clean_env(workdir),
             stdin=subprocess.PIPE,
@@ -415,23 +229,121 @@ def _run(mech: Mechanism, program: str, test: str, check: str, limits: Limits) -
         job = {
             "nonce": secrets.token_hex(16),
             "status_fd": child_status_fd,
-            "netns": mech.netns,
-            "uid": uid,
-            "mountns": mech.mountns,
-            "rlimits": _rlimits(limits, uid is not None),
-            "preload": imported_modules(program + "\n" + test)
-            if uid is not None and not mech.mountns
-            else [],
+            "rlimits": _rlimits(limits, uid is not None or mech.backend != "none"),
             "program": program,
             "test": test,
             "check": check,
         }
-        return _supervise(proc, job, status_r, limits, uid)
+        return _supervise(proc, job, status_r, limits, uid, mech.backend == "bwrap")
     finally:
         for fd in (status_r, status_w):
             if fd >= 0:
                 os.close(fd)
-        shutil.rmtree(workdir, ignore_errors=True)
+        _remove_tree(workdir)
+
+
+def _command(mech: Mechanism, workdir: str, uid: int | None, disk_mb: int) -> list[str]:
+    """The command line: the backend's wrapper, then `python -I -S -c <eval/runner.py> CONFIG`.
+
+    With isolation the workdir is a private tmpfs too: nothing a program writes reaches the host.
+    """
+    covers, binds, writable = _layout()
+    config = {
+        "mode": mech.backend,
+        "uid": uid,
+        "workdir": workdir,
+        "covers": covers,
+        "binds": binds,
+        "writable": writable,
+        "disk_mb": disk_mb,
+    }
+    python = [_interpreter(), "-I", "-S", "-c", _runner_source(), json.dumps(config)]
+    if mech.backend == "none":
+        return python
+    if mech.backend == "unshare":
+        user = [] if mech.root else ["--user", "--map-root-user"]
+        return [
+            "unshare", *user, "--mount", "--propagation", "private", "--pid", "--fork", "--mount-proc",
+            "--net", "--ipc", "--uts", "--kill-child", *python,
+        ]  # fmt: skip
+    args = [
+        "bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+        "--die-with-parent", "--new-session", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev",
+    ]  # fmt: skip
+    if mech.root:  # the runner itself drops to the private uid, which takes these away again
+        args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        args += ["--unshare-user", "--uid", str(INNER_UID), "--gid", str(INNER_UID), "--disable-userns"]
+    size = str(disk_mb << 20)
+    for cover in covers:  # hidden ones stay small: a user namespace's uid may write them
+        args += ["--size", size if cover in writable else "1048576"]
+        args += ["--perms", "1777" if cover in writable else "0755", "--tmpfs", cover]
+    made = set(covers)
+    for path in binds:  # bwrap would create the directories on the way as 0700
+        for parent in _ancestors(os.path.dirname(path)):
+            if parent not in made and any(parent.startswith(c.rstrip("/") + "/") for c in covers):
+                args += ["--perms", "0755", "--dir", parent]
+                made.add(parent)
+        args += ["--ro-bind", path, path]
+    args += ["--size", size, "--perms", "0777", "--tmpfs", workdir, "--chdir", workdir]
+    return [*args, *python]
+
+
+@lru_cache(maxsize=1)
+def _runner_source() -> str:
+    return Path(runner.__file__).read_text(encoding="utf-8")
+
+
+@lru_cache(maxsize=1)
+def _interpreter() -> str:
+    return os.path.realpath(sys.executable)
+
+
+@lru_cache(maxsize=1)
+def _layout() -> tuple[list[str], list[str], list[str]]:
+    """(covers, binds, writable) of the sandbox's mount layout.
+
+    covers get a fresh tmpfs: the temp directories (private and writable), the directory of the
+    scorer's temp dirs (so no program sees another's), the scorer's home, /run, and, for a private uid,
+    the first directory on the way to the interpreter that other users may not cross (e.g. /root).
+    binds are the interpreter's own directories under a cover, bound back read-only.
+    """
+    writable = [d for d in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(d)]
+    needed = {
+        os.path.realpath(p)
+        for p in (sys.base_prefix, os.path.dirname(_interpreter()), *sysconfig.get_paths().values())
+        if os.path.isdir(p)
+    }
+    tmp, home = os.path.realpath(tempfile.gettempdir()), os.path.realpath(os.path.expanduser("~"))
+    covers = {*writable, tmp, home, "/run"}  # /run: its sockets (buses, agents) ignore read-only mounts
+    if os.geteuid() == 0:
+        for path in needed:
+            closed = next((a for a in _ancestors(path) if not os.stat(a).st_mode & stat.S_IXOTH), None)
+            if closed:
+                covers.add(closed)
+    covers = {c for c in covers if c != "/" and os.path.isdir(c)}  # never hide the whole host
+    binds = sorted(p for p in needed if any(p == c or p.startswith(c.rstrip("/") + "/") for c in covers))
+    binds = [p for p in binds if not any(p.startswith(q + "/") for q in binds)]  # parents cover children
+    return sorted(covers, key=lambda p: (p.count("/"), p)), binds, writable
+
+
+def _ancestors(path: str) -> list[str]:
+    """`/a/b/c` -> [`/a`, `/a/b`, `/a/b/c`]."""
+    parts = path.strip("/").split("/")
+    return ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _remove_tree(path: str) -> None:
+    """Remove a workdir whatever the program did to its modes (a 000 subdirectory, say)."""
+    try:
+        os.chmod(path, 0o700)
+        for parent, dirs, _ in os.walk(path):  # each directory opened before walk descends into it
+            for target in [os.path.join(parent, name) for name in dirs]:
+                if not os.path.islink(target):
+                    os.chmod(target, 0o700)
+        shutil.rmtree(path)
+    except OSError as err:
+        log.warning("could not remove the sandbox workdir %s: %s", path, err)
 
 
 def _clean_env(workdir: str) -> dict[str, str]:
@@ -447,21 +359,25 @@ def _clean_env(workdir: str) -> dict[str, str]:
 
 
 def _rlimits(limits: Limits, private_user: bool) -> dict[str, int]:
-    mib = 1024 * 1024
-    rlimits = {
+    """NPROC counts every process of a uid (per user namespace): set only for a private one."""
+    nproc = {"RLIMIT_NPROC": limits.nproc} if private_user else {}
+    return {
         "RLIMIT_CPU": int(limits.timeout) + 1,
-        "RLIMIT_AS": limits.memory_mb * mib,
-        "RLIMIT_FSIZE": limits.file_size_mb * mib,
+        "RLIMIT_AS": limits.memory_mb << 20,
+        "RLIMIT_FSIZE": limits.file_size_mb << 20,
         "RLIMIT_NOFILE": 64,
         "RLIMIT_CORE": 0,
+        **nproc,
     }
-    if private_user:  # NPROC counts every process of the user: only meaningful for a private uid
-        rlimits["RLIMIT_NPROC"] = limits.nproc
-    return rlimits
 
 
-def _supervise(proc: subprocess.Popen, job: dict, status_r: int, limits: Limits, uid: int | None) -> Outcome:
-    """Feed the job, collect capped output until exit or timeout, kill everything left, judge."""
+def _supervise(
+    proc: subprocess.Popen, job: dict, status_r: int, limits: Limits, uid: int | None, bwrap: bool
+) -> Outcome:
+    """Feed the job, collect capped output until exit or timeout, kill everything left, judge.
+
+    bubblewrap reports a program killed by signal N as exit status 128 + N: read back as -N.
+    """
     nonce = job["nonce"]
     try:
         proc.stdin.write(json.dumps(job).encode() + b"\n")
@@ -471,6 +387,8 @@ def _supervise(proc: subprocess.Popen, job: dict, status_r: int, limits: Limits,
     deadline = time.monotonic() + limits.timeout
     streams = _collect(proc, status_r, deadline, limits)
     rc = _kill_all(proc, uid)
+    if bwrap and 128 < rc < 128 + 65:
+        rc = 128 - rc
     out, err = (streams[k].decode("utf-8", "replace") for k in ("stdout", "stderr"))
     if streams["overflow"]:
         return Outcome(False, "failed: output limit exceeded", out, err)
@@ -480,7 +398,7 @@ def _supervise(proc: subprocess.Popen, job: dict, status_r: int, limits: Limits,
         return Outcome(True, "passed", out, err)
     if rc == 0:
         return Outcome(False, "failed: the program exited before its tests finished", out, err)
-    if rc == _SETUP_FAILED and err.startswith("sandbox:"):
+    if rc == SETUP_FAILED and err.startswith("sandbox:"):
         return Outcome(False, f"sandbox error: {err.strip()}", out, err)
     return Outcome(False, f"failed: {_last_error(err, rc)}", out, err)
 
@@ -537,7 +455,7 @@ def _kill_all(proc: subprocess.Popen, uid: int | None) -> int:
     rc = proc.wait()
     if uid is None:
         return rc
-    for _ in range(20):
+    for _ in range(300):  # up to 3 s on a busy machine
         pids = [pid for pid in _pids_of(uid) if pid != os.getpid()]
         if not pids:
             return rc
@@ -566,23 +484,6 @@ def _pids_of(uid: int) -> list[int]:
 def _is_zombie(proc_dir: str) -> bool:
     with open(f"{proc_dir}/stat", "rb") as f:
         return f.read().rsplit(b")", 1)[-1].split()[0] == b"Z"
-
-
-def imported_modules(source: str) -> list[str]:
-    """Top-level modules named in import statements, for loading before the uid drop.
-
-    The private uid may not be able to read the interpreter's standard library (it may live in
-    root's home), so the runner imports what the program names while still privileged. Modules
-    with side effects on import are left out.
-    """
-    names = []
-    for match in _IMPORT_RE.finditer(source):
-        if match.group(1):
-            names.append(match.group(1))
-        else:
-            names += [part.split()[0] for part in match.group(2).split(",") if part.strip()]
-    tops = {name.split(".")[0] for name in names if name}
-    return sorted(name for name in (set(names) | tops) if name.split(".")[0] not in _NO_PRELOAD)
 
 
 def _last_error(stderr: str, rc: int) -> str:

@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
+from ds_train.errors import UsageError
 from eval import passk
 from eval.problems import Problem
 from eval.sandbox import Limits, mechanism, run_many
 
 log = logging.getLogger(__name__)
+
+MAX_TIMEOUT = 3600.0  # seconds per program: more is a typo, and rlimits overflow long before inf
 
 
 @dataclass
@@ -70,13 +76,22 @@ class Report:
 
 
 def read_samples(path: str | Path) -> tuple[list[dict], int]:
-    """The sample records of a jsonl file, and how many lines were skipped as malformed."""
+    """The sample records of a jsonl file, and how many lines were skipped (malformed JSON, not a
+    sample, not UTF-8); each skipped line is named in a warning."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"samples file {path} is a directory")
     if not path.is_file():
-        raise ValueError(f"samples file {path} does not exist")
+        raise UsageError(f"samples file {path} does not exist")
     samples, skipped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                log.warning("%s:%d: not UTF-8; skipped", path, lineno)
+                skipped += 1
+                continue
             if not line.strip():
                 continue
             try:
@@ -94,7 +109,17 @@ def read_samples(path: str | Path) -> tuple[list[dict], int]:
                 skipped += 1
                 continue
             samples.append(record)
+    if skipped:
+        log.warning("%s: %d lines skipped", path, skipped)
     return samples, skipped
+
+
+def check_settings(limits: Limits | None, workers: int | None) -> None:
+    """UsageError (one line) for a timeout that is not a number in (0, MAX_TIMEOUT] or workers < 1."""
+    if limits is not None and not (math.isfinite(limits.timeout) and 0 < limits.timeout <= MAX_TIMEOUT):
+        raise UsageError(f"--timeout must be in (0, {MAX_TIMEOUT:g}] seconds, got {limits.timeout}")
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}")
 
 
 def results_path(samples_path: str | Path) -> Path:
@@ -109,24 +134,46 @@ def score(
     limits: Limits | None = None,
     workers: int | None = None,
     progress: bool = True,
+    unsafe_no_isolation: bool = False,
 ) -> Report:
     """Run every sample of `samples_path` in the sandbox and compute pass@k.
 
     Samples whose task_id is not among `problems` are skipped and counted; problems without
-    samples are left out of pass@k and counted.
+    samples are left out of pass@k and counted. UsageError when no sample names one of the
+    problems, for a bad timeout or worker count, and where the sandbox cannot isolate programs
+    (unless `unsafe_no_isolation`).
     """
+    check_settings(limits, workers)
     by_id = {p.task_id: p for p in problems}
     samples, skipped = read_samples(samples_path)
     known = [s for s in samples if s["task_id"] in by_id]
-    if len(known) < len(samples):
-        log.warning("%d samples name tasks that are not in the problems; skipped", len(samples) - len(known))
+    unknown = sorted({s["task_id"] for s in samples if s["task_id"] not in by_id})
+    if not known:
+        named = (
+            f" (they name {', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''})" if unknown else ""
+        )
+        raise UsageError(f"{samples_path} holds no sample of these problems{named}")
+    if unknown:
+        log.warning(
+            "%s: %d samples name tasks that are not in the problems (%s); skipped",
+            samples_path,
+            len(samples) - len(known),
+            ", ".join(unknown[:3]),
+        )
         skipped += len(samples) - len(known)
+    mech = mechanism(unsafe_no_isolation)
     jobs = [
         (by_id[s["task_id"]].prompt + s["completion"], by_id[s["task_id"]].test, by_id[s["task_id"]].check)
         for s in known
     ]
     bar = tqdm(total=len(jobs), desc="executing", unit="sample", disable=not progress)
-    outcomes = run_many(jobs, limits=limits, workers=workers, on_done=lambda i, o: bar.update(1))
+    outcomes = run_many(
+        jobs,
+        limits=limits,
+        workers=workers,
+        on_done=lambda i, o: bar.update(1),
+        unsafe_no_isolation=unsafe_no_isolation,
+    )
     bar.close()
     _write_results(results_path(samples_path), known, outcomes)
 
@@ -143,7 +190,7 @@ def score(
         overall=passk.overall(ordered, ks),
         per_problem=passk.per_problem(ordered, ks),
         counts=ordered,
-        sandbox=mechanism().describe(),
+        sandbox=mech.describe(),
         skipped_samples=skipped,
         unsampled_problems=unsampled,
         base=passk.overall(base, ks) if len(base) < len(ordered) else {},
@@ -151,9 +198,28 @@ def score(
 
 
 def _write_results(path: Path, samples: list[dict], outcomes) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(
+    write_text_atomic(
+        path,
+        "".join(
             json.dumps({**sample, "passed": outcome.passed, "result": outcome.result}) + "\n"
             for sample, outcome in zip(samples, outcomes)
-        )
+        ),
+    )
     log.info("wrote %d per-sample results to %s", len(samples), path)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write to a temporary name beside `path`, then rename: a failed write leaves `path` as it was."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory")
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

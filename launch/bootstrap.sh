@@ -4,6 +4,13 @@
 # Re-running is cheap: it reinstalls only when setup.py changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The ds-eval sandbox prefers bubblewrap: as root with apt, install it quietly when missing. A failure
+# is not fatal: the sandbox then uses util-linux unshare, or refuses to run generated code.
+if ! command -v bwrap >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; }; } >/dev/null 2>&1 \
+    || echo "bootstrap: could not install bubblewrap; the ds-eval sandbox will use unshare" >&2
+fi
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 stamp="$VENV/.ds_train_installed"

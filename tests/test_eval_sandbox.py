@@ -127,20 +127,39 @@ def _hostile_programs(victim_file, victim_dir, port):
             GOOD_TEST,
             "",
         ),
+        # the next three would pass only if the attack worked: `f` is right only then
         "signal_frame": (
-            "import signal\nfound = []\n"
-            "signal.signal(signal.SIGALRM, lambda s, frame: found.append(frame.f_back))\n"
-            "signal.setitimer(signal.ITIMER_REAL, 0.001)\n" + wrong,
+            (
+                "import signal, time\nfound = []\n"
+                "try:\n"
+                "    signal.signal(signal.SIGALRM, lambda s, frame: found.append(frame.f_back))\n"
+                "    signal.setitimer(signal.ITIMER_REAL, 0.001)\n"
+                "    time.sleep(0.2)\n"
+                "except Exception as e:\n    print(e)\n"
+                "def f(x):\n    return 4 if found else 0\n"
+            ),
             GOOD_TEST,
             "",
         ),
         "traceback_frame": (
-            "import sys\ntry:\n    1 / 0\nexcept ZeroDivisionError as e:\n"
-            "    print(e.__traceback__.tb_frame.f_back.f_locals)\n" + wrong,
+            (
+                "ok = False\ntry:\n    1 / 0\nexcept ZeroDivisionError as e:\n"
+                "    try:\n        ok = 'nonce' in e.__traceback__.tb_frame.f_back.f_locals\n"
+                "    except Exception as e2:\n        print(e2)\n"
+                "def f(x):\n    return 4 if ok else 0\n"
+            ),
             GOOD_TEST,
             "",
         ),
-        "ctypes": ("import ctypes\nctypes.CDLL(None).puts(b'hi')\n" + wrong, GOOD_TEST, ""),
+        "ctypes": (
+            (
+                "ok = False\ntry:\n    import ctypes\n    ok = ctypes.CDLL(None).getpid() > 0\n"
+                "except Exception as e:\n    print(e)\n"
+                "def f(x):\n    return 4 if ok else 0\n"
+            ),
+            GOOD_TEST,
+            "",
+        ),
     }
 
 
