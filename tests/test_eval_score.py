@@ -41,7 +41,7 @@ def score_argv(samples: Path, *extra: str) -> list[str]:
 def refused_in_one_line(capsys, argv: list[str]) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("ds-eval: error:"), err
+    assert len(err) == 1 and err[0].startswith("ds-eval: "), err
     return err[0]
 
 
