@@ -184,6 +184,7 @@ def test_standard_protocol_settings_and_greedy(allowed, tmp_path):
     "argv",
     [
         ["score", "--problems", "missing.jsonl", "--samples", "s.jsonl"],
+        ["score", "--problems", str(PROBLEMS), "--samples", "missing.jsonl"],
         ["score", "--problems", str(PROBLEMS), "--samples", "s.jsonl", "--k", "0"],
         ["score", "--problems", str(PROBLEMS), "--samples", "s.jsonl", "--timeout", "1e19"],
         ["score", "--problems", str(PROBLEMS), "--samples", "s.jsonl", "--workers", "0"],
@@ -202,6 +203,22 @@ def test_bad_input_is_one_line_and_exit_2(allowed, tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith("ds-eval: ") and len(err.splitlines()) == 1
     assert not (tmp_path / "report.json").exists()
+
+
+def test_code_execution_needs_opt_in_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("DS_TRAIN_ALLOW_CODE_EXECUTION", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    samples = write_samples(tmp_path / "s.jsonl", [("HumanEval/2", "    return number % 1.0\n")])
+    argv = ["score", "--problems", str(PROBLEMS), "--samples", str(samples), "--k", "1", "--protocol", "standard"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1 and "--allow-code-execution" in err[0] and "DS_TRAIN_ALLOW_CODE_EXECUTION=1" in err[0]
+    )
+    assert not (tmp_path / "s.jsonl_results.jsonl").exists()
+    assert main([*argv, "--allow-code-execution"]) == 0
+    assert main(argv) == 0  # remembered for this machine
+    assert last_json(capsys)["pass@1"] == 1.0
 
 
 def test_loss_subcommand_is_dispatched_lazily(capsys):
