@@ -39,60 +39,17 @@ from transformers import (
 
 from ds_train.data.codec import DEDENT, INDENT
 from ds_train.data.encode import encode_prompt
+from ds_train.hf import ModalityMap
 from eval.problems import Problem, completion_after
 
 log = logging.getLogger(__name__)
 
-MODALITY_MAP = "modality_map.json"
 EOT, PAD = "<eot>", "<pad>"
 
 
 # --------------------------------------------------------------------------------------------
 # The modality map: routing in, code view out
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModalityMap:
-    """The separated ids of an export and the routing they imply."""
-
-    separation: str
-    base_vocab_size: int
-    separated_ids: tuple[int, ...]
-
-    @classmethod
-    def load(cls, model_dir: str | Path, vocab_size: int) -> ModalityMap:
-        """Read `modality_map.json`; without it, a plain model of `vocab_size` (separation none)."""
-        path = Path(model_dir) / MODALITY_MAP
-        if not path.is_file():
-            return cls("none", vocab_size, ())
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            mmap = cls(
-                str(raw["separation"]),
-                int(raw["base_vocab_size"]),
-                tuple(int(i) for i in raw["separated_ids"]),
-            )
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}: not a modality map ({err})") from None
-        if mmap.base_vocab_size + len(mmap.separated_ids) != vocab_size:
-            raise ValueError(
-                f"{path}: base_vocab_size {mmap.base_vocab_size} + {len(mmap.separated_ids)} "
-                f"separated ids != the model's vocabulary {vocab_size}"
-            )
-        if any(not 0 <= i < mmap.base_vocab_size for i in mmap.separated_ids):
-            raise ValueError(f"{path}: a separated id lies outside the base vocabulary")
-        return mmap
-
-    def route(self, ids: list[int], modality: list[int]) -> list[int]:
-        """Model input ids: code tokens that are separated go to their code rows V + i."""
-        slot = {x: i for i, x in enumerate(self.separated_ids)}
-        return [self.base_vocab_size + slot[x] if m and x in slot else x for x, m in zip(ids, modality)]
-
-    def to_base(self, ids: list[int]) -> list[int]:
-        """Generated ids -> tokenizer ids (V + i back to separated_ids[i])."""
-        v = self.base_vocab_size
-        return [self.separated_ids[x - v] if x >= v else x for x in ids]
 
 
 class CodeView(LogitsProcessor):
@@ -180,7 +137,7 @@ class Generator:
         dtype = torch.float32 if self.device.type == "cpu" else "auto"
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
         vocab = self.model.get_input_embeddings().weight.shape[0]
-        self.mmap = ModalityMap.load(model_dir, vocab)
+        self.mmap = ModalityMap.read(model_dir, vocab)
         self.ids = {t: self.tokenizer.convert_tokens_to_ids(t) for t in (EOT, PAD, INDENT, DEDENT)}
         log.info(
             "model %s on %s: vocabulary %d, separation %s (%d code rows)",

@@ -66,19 +66,19 @@ def problems():
 
 def test_modality_map(tmp_path, export):
     _, v, separated = export
-    mmap = ModalityMap.load(export[0], v + len(separated))
+    mmap = ModalityMap.read(export[0], v + len(separated))
     assert mmap.base_vocab_size == v and mmap.separated_ids == tuple(separated)
     s0, s5 = separated[0], separated[5]
     text_id = next(i for i in range(v) if i not in separated)
     # text-modality s0 keeps its id; code-modality separated ids go to V + slot; others stay
     assert mmap.route([s0, s0, text_id, s5], [0, 1, 1, 1]) == [s0, v, text_id, v + 5]
     assert mmap.to_base([v, v + 5, 3]) == [s0, s5, 3]
-    assert ModalityMap.load(tmp_path, 100) == ModalityMap("none", 100, ())
+    assert ModalityMap.read(tmp_path, 100) == ModalityMap("none", 100, ())
     (tmp_path / "modality_map.json").write_text(
         '{"separation": "partial", "base_vocab_size": 10, "separated_ids": [1]}'
     )
     with pytest.raises(ValueError, match="vocabulary"):
-        ModalityMap.load(tmp_path, 50)
+        ModalityMap.read(tmp_path, 50)
 
 
 def test_code_view_and_block_end_units():
