@@ -236,7 +236,7 @@ class Trainer:
     def _resume(self) -> tuple[int, int, Any]:
         if not self.cfg.checkpoint.resume:
             return 0, 0, None
-        found = checkpoint.find_latest(self.ckpt_dir)
+        found = checkpoint.find_for_resume(self.ckpt_dir)  # checksums verified; refuses if none is usable
         if found is None:
             return 0, 0, None
         checkpoint.check_compatible(found.meta, self.meta, where=f"checkpoint {found.path}")
