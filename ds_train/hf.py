@@ -381,6 +381,8 @@ def _add_remote_code(
     tok_config = json.loads(tok_file.read_text())
     tok_config["auto_map"] = {"AutoTokenizer": [None, f"{module}.MRPTTokenizer"]}
     tok_config["tokenizer_class"] = "MRPTTokenizer"
+    tok_config["mrpt_base_vocab_size"] = mmap.base_vocab_size
+    tok_config["mrpt_separated_ids"] = list(mmap.separated_ids)
     tok_file.write_text(json.dumps(tok_config, indent=2) + "\n")
 
 
