@@ -60,7 +60,7 @@ def train_tiny(objective: str, separation: str, steps: int = 200) -> GPTNeo:
     }
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     for _ in range(steps):
-        loss, stats = model(**batch)
+        loss, _ = model(**batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -69,7 +69,14 @@ def train_tiny(objective: str, separation: str, steps: int = 200) -> GPTNeo:
 
 def export(model: GPTNeo, out: Path, separation: str, objective: str) -> Path:
     out.mkdir()
-    hf.write_hf_dir(out, model.config, model.state_dict(), ASSETS / "tokenizer", separation=separation, objective=objective)
+    hf.write_hf_dir(
+        out,
+        model.config,
+        model.state_dict(),
+        ASSETS / "tokenizer",
+        separation=separation,
+        objective=objective,
+    )
     return out
 
 
@@ -99,7 +106,11 @@ def test_remote_generation_equals_the_project_generator(case):
     remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     assert tokenizer.eos_token == "<eot>" and tokenizer.model_max_length == model.config.n_positions
     mmap = hf.ModalityMap.read(out)
-    assert (mmap.separation, mmap.objective, mmap.prefix_lm) == (separation, objective, objective == "prefix_code_clm")
+    assert (mmap.separation, mmap.objective, mmap.prefix_lm) == (
+        separation,
+        objective,
+        objective == "prefix_code_clm",
+    )
 
     problem = humaneval_problem({"task_id": "t/0", "prompt": PROMPT, "entry_point": "add_two", "test": ""})
     base = load_tokenizer(ASSETS / "tokenizer")
@@ -131,7 +142,7 @@ def test_remote_generation_equals_the_project_generator(case):
 def test_prefix_logits_equal_the_training_model(case):
     """The first generated token's logits: remote code and the project's generator equal
     ds_train.model under the training masks (the prefix bidirectional for Prefix Code CLM)."""
-    model, out, separation, objective = case
+    model, out, _, objective = case
     tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
     remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
@@ -140,13 +151,17 @@ def test_prefix_logits_equal_the_training_model(case):
     _, modality = encode_prompt(base, problem.signature_lin, problem.docstring)
     prefix = torch.ones_like(ids, dtype=torch.bool) if objective == "prefix_code_clm" else None
     with torch.no_grad():
-        reference = model.double().logits(ids, modality=torch.tensor([modality]).bool(), prefix=prefix, code_view=True)
+        reference = model.double().logits(
+            ids, modality=torch.tensor([modality]).bool(), prefix=prefix, code_view=True
+        )
         model.float()
         got = remote.double()(ids).logits
         causal = model.double().logits(ids, modality=torch.tensor([modality]).bool(), code_view=True)
         model.float()
     torch.testing.assert_close(got[0, -1], reference[0, -1], rtol=1e-6, atol=1e-6)
-    if objective == "prefix_code_clm":  # the prefix changes the numbers: a causal read is not the trained model
+    if (
+        objective == "prefix_code_clm"
+    ):  # the prefix changes the numbers: a causal read is not the trained model
         assert (causal[0, -1] - reference[0, -1]).abs().max() > 1e-3
 
     generator = Generator(out, device="cpu")
@@ -184,6 +199,8 @@ from transformers import pipeline
 g = pipeline("text-generation", model={str(out)!r}, trust_remote_code=True, device="cpu")
 print(g({PROMPT!r}, do_sample=False, max_new_tokens=40)[0]["generated_text"], end="")
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout == PROMPT + BODY
