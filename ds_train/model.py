@@ -29,6 +29,8 @@ from ds_train.loss import modality_loss, operand_dtype, view_logits
 log = logging.getLogger(__name__)
 
 ATTENTION_TYPES = ("global", "local")
+LOCAL_ATTENTION = ("always", "generation_only")
+"""When local layers apply their window: always (GPT-Neo), or only at generation (the original's training)."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -54,6 +56,11 @@ class GPTNeoConfig:
     """Local layers attend to keys with |t - s| < window_size."""
     attention_types: tuple[str, ...] = ()
     """Per layer, "global" or "local"; empty means alternate global, local, global, ..."""
+    local_attention: str = "always"
+    """"always": local layers keep their window in this model, as GPT-Neo does (the default).
+    "generation_only": this model (training, `ds-eval loss`) treats every layer as global, and the
+    window applies only where the export is generated from, as in the original work, whose training
+    passed a 3-D packed mask that bypassed GPT-Neo's local window."""
     layer_norm_eps: float = 1e-5
     """Epsilon of every LayerNorm."""
     init_std: float = 0.02
@@ -95,6 +102,8 @@ class GPTNeoConfig:
             problems.append(
                 f"attention_types has {len(self.attention_types)} entries for {self.n_layer} layers"
             )
+        if self.local_attention not in LOCAL_ATTENTION:
+            problems.append(f"local_attention must be one of {LOCAL_ATTENTION} (got {self.local_attention!r})")
         if unknown := sorted(set(self.attention_types) - set(ATTENTION_TYPES)):
             problems.append(f"unknown attention types {unknown}; expected 'global' or 'local'")
         ids = self.separated_ids
@@ -221,11 +230,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block; `window` is None on global layers."""
+    """Pre-LayerNorm transformer block; `window` is None on global layers (and on all layers with
+    `local_attention="generation_only"`)."""
 
     def __init__(self, config: GPTNeoConfig, layer: int) -> None:
         super().__init__()
-        self.window = config.window_size if config.attention_types[layer] == "local" else None
+        windowed = config.attention_types[layer] == "local" and config.local_attention == "always"
+        self.window = config.window_size if windowed else None
         self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.attn = SelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)

@@ -145,3 +145,30 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path) -> None:
         from_hf_state_dict(untied, model.config)
     with pytest.raises(ValueError, match="config.json"):
         load_model(tmp_path)
+
+
+def test_local_attention_generation_only_trains_every_layer_as_global() -> None:
+    """`local_attention="generation_only"` is the original's training: its 3-D packed mask replaced
+    GPT-Neo's windowed `bias` (gpt_neo/modeling_gpt_neo.py of the original, `_attn`), so every layer
+    attended globally. Reference: transformers' GPT-Neo with every layer global, same weights. The
+    export keeps the local layers, so generation windows as GPT-Neo does."""
+    windowed = random_model()
+    original = GPTNeoConfig.from_dict({**windowed.config.to_dict(), "local_attention": "generation_only"})
+    model = GPTNeo(original).eval()
+    model.load_state_dict(windowed.state_dict())
+    all_global = GPTNeoConfig.from_dict(
+        {**windowed.config.to_dict(), "attention_types": ["global"] * windowed.config.n_layer}
+    )
+    reference = hf_model(GPTNeo(all_global))
+    reference.load_state_dict(to_hf_state_dict(windowed.state_dict(), all_global))
+    T = 40
+    input_ids = torch.randint(0, V, (2, T))
+    with torch.no_grad():
+        ours = model.logits(input_ids)
+        theirs = hf_view_logits(reference(input_ids).logits, code_view=False)
+        default = windowed.logits(input_ids)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    assert (ours - default).abs().max() > 1e-3  # the switch changes the model: the window mattered
+    assert hf_config_dict(original)["attention_types"] == hf_config_dict(windowed.config)["attention_types"]
+    with pytest.raises(ValueError, match="local_attention"):
+        GPTNeoConfig.from_dict({**windowed.config.to_dict(), "local_attention": "never"}).validate()
