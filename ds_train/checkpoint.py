@@ -423,7 +423,7 @@ def _load_universal(engine, found: Found, rank: int) -> None:
     except (AssertionError, KeyError, OSError, RuntimeError, ValueError) as err:
         if distributed.is_lost_peer(err):
             raise
-        reason = distributed.first_line(err)
+        reason = first_line(err)
         raise CheckpointError(f"DeepSpeed could not load the universal checkpoint {found.path / UNIVERSAL} "
                               f"({reason}); resume with the number of ranks that wrote it") from None
     finally:
@@ -490,7 +490,7 @@ def convert_to_universal(path: Path) -> Path:
     except Exception as err:  # noqa: BLE001 - the converter raises anything, unpickling errors included
         log.debug("ds_to_universal output:\n%s", chatter.getvalue())
         shutil.rmtree(scratch, ignore_errors=True)
-        reason = distributed.first_line(err)
+        reason = first_line(err)
         raise CheckpointError(f"DeepSpeed could not convert {path} to a universal checkpoint ({reason}); "
                               "resume with the number of ranks that wrote it") from None
     log.debug("ds_to_universal output:\n%s", chatter.getvalue())
