@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import AddedToken, GenerationConfig
 
+from ds_train import hf_original
 from ds_train.data import codec
 from ds_train.data.tokenizer import EOT, PAD, SPECIAL_TOKENS, load_tokenizer
 from ds_train.errors import UsageError, first_line
@@ -417,3 +419,63 @@ def write_hf_dir(
     GenerationConfig(eos_token_id=ids[EOT], pad_token_id=ids[PAD]).save_pretrained(out_dir)
     mmap.write(out_dir)
     return n_params
+
+
+# ----------------------------------------------------------------------------------------------------
+# The original implementation's format
+# ----------------------------------------------------------------------------------------------------
+
+
+def convert_original(
+    src: str | Path, out: str | Path, *, tokens_map: str | Path | None = None, objective: str = "code_clm"
+) -> ModalityMap:
+    """A model directory in the original's format (vocabulary extended with `[_DUP_]` rows, and its
+    `replicated_tokens_map.pkl`, in `src` unless `tokens_map` names it) -> an export of ours in `out`
+    ([E; C], modality_map.json, remote code). `out` must not exist; it appears only when complete.
+    `objective` is the one the model was trained with (prefix_code_clm makes its prompt bidirectional)."""
+    src, out = Path(src), Path(out)
+    if out.exists():
+        raise UsageError(f"{out} exists; name a new directory")
+    mapping = hf_original.read_tokens_map(tokens_map or src / hf_original.TOKENS_MAP)
+    fields = config_from_hf_dir(src)
+    weights = read_weights(src)
+    table = weights.get("transformer.wte.weight")
+    if table is None:
+        raise UsageError(f"{src}: no transformer.wte.weight: not a GPT-Neo checkpoint")
+    head = weights.pop("lm_head.weight", None)
+    if head is not None and not torch.equal(head, table):
+        raise UsageError(f"{src}: lm_head.weight differs from the token table: only a tied head is supported")
+    plan = hf_original.renumbering(mapping, table.shape[0])
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        hf_original.rewrite_tokenizer(src, staging / "tokenizer", plan)
+        tokenizer = load_tokenizer(staging / "tokenizer", check_separation=False)
+        if len(tokenizer) != plan.vocab_size:
+            raise UsageError(
+                f"{src}: the tokenizer has {len(tokenizer)} tokens without duplicates, the table "
+                f"{plan.vocab_size} text rows"
+            )
+        config = GPTNeoConfig.from_dict(
+            {
+                **fields,
+                "vocab_size": plan.vocab_size,
+                "separated_ids": tuple(plan.separated_ids),
+                "pad_token_id": tokenizer.pad_token_id,
+            }
+        )
+        weights["transformer.wte.weight"] = hf_original.convert_table(table, plan)
+        state = from_hf_state_dict(weights, config)
+        (staging / "model").mkdir()
+        write_hf_dir(
+            staging / "model",
+            config,
+            state,
+            staging / "tokenizer",
+            separation="original",
+            objective=objective,
+        )
+        (staging / "model").rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ModalityMap.read(out)
