@@ -138,9 +138,11 @@ def write_beside(out_dir: Path, write: Callable[[Path], Any]) -> Any:
 
 def from_original(source: str | Path, out_dir: str | Path, force: bool = False) -> Path:
     """A model directory in the original work's format -> ours (`ds_train.hf.convert_original`)."""
-    out_dir = Path(out_dir)
+    source, out_dir = Path(source), Path(out_dir)
+    if not source.is_dir():
+        raise UsageError(f"{source}: no such directory")
     check_out_dir(out_dir, force)
-    write_beside(out_dir, lambda staging: hf.convert_original(Path(source), staging))
+    write_beside(out_dir, lambda staging: hf.convert_original(source, staging))
     return out_dir
 
 
@@ -164,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.from_original:
+            if args.tag is not None or args.dtype != "fp16":
+                raise UsageError("--tag and --dtype apply to checkpoints, not to --from-original")
             out = from_original(args.source, args.out_dir, args.force)
             print(f"converted {args.source} (the original work's format) -> {out}")
             return 0

@@ -611,3 +611,17 @@ def test_marker_is_written_after_every_ranks_files(world2):
         assert all((tag / name).stat().st_mtime_ns <= written for name in files)
         assert (tag.parent / "latest").stat().st_mtime_ns >= written
         assert (tag.parent / "latest").read_text() == tag.name
+
+
+def test_from_original_refusals(tmp_path, capsys):
+    """`--from-original`: a missing source, checkpoint-only flags, a non-empty target without --force."""
+    assert_refused(*run_cli(capsys, "--from-original", tmp_path / "missing", tmp_path / "out"), "no such directory")
+    assert_refused(
+        *run_cli(capsys, "--from-original", tmp_path, tmp_path / "out", "--tag", "step-2"),
+        "--tag and --dtype apply to checkpoints, not to --from-original",
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_refused(*run_cli(capsys, "--from-original", tmp_path, out), "is not empty (pass --force")
+    assert (out / "keep.txt").read_text() == "mine"
