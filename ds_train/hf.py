@@ -431,11 +431,12 @@ def convert_original(
 ) -> ModalityMap:
     """A model directory in the original's format (vocabulary extended with `[_DUP_]` rows, and its
     `replicated_tokens_map.pkl`, in `src` unless `tokens_map` names it) -> an export of ours in `out`
-    ([E; C], modality_map.json, remote code). `out` must not exist; it appears only when complete.
-    `objective` is the one the model was trained with (prefix_code_clm makes its prompt bidirectional)."""
+    ([E; C], modality_map.json, remote code). `out` is an empty directory (written in place) or a new
+    name (it appears only when complete). `objective` is the one the model was trained with
+    (prefix_code_clm makes its prompt bidirectional)."""
     src, out = Path(src), Path(out)
-    if out.exists():
-        raise UsageError(f"{out} exists; name a new directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out} exists and is not an empty directory")
     mapping = hf_original.read_tokens_map(tokens_map or src / hf_original.TOKENS_MAP)
     fields = config_from_hf_dir(src)
     weights = read_weights(src)
@@ -447,6 +448,7 @@ def convert_original(
         raise UsageError(f"{src}: lm_head.weight differs from the token table: only a tied head is supported")
     plan = hf_original.renumbering(mapping, table.shape[0])
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    target = out if out.exists() else staging / "model"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         hf_original.rewrite_tokenizer(src, staging / "tokenizer", plan)
@@ -466,16 +468,10 @@ def convert_original(
         )
         weights["transformer.wte.weight"] = hf_original.convert_table(table, plan)
         state = from_hf_state_dict(weights, config)
-        (staging / "model").mkdir()
-        write_hf_dir(
-            staging / "model",
-            config,
-            state,
-            staging / "tokenizer",
-            separation="original",
-            objective=objective,
-        )
-        (staging / "model").rename(out)
+        target.mkdir(exist_ok=True)
+        write_hf_dir(target, config, state, staging / "tokenizer", separation="original", objective=objective)
+        if target != out:
+            target.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ModalityMap.read(out)

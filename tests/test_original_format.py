@@ -78,6 +78,7 @@ def original_checkpoint(out: Path) -> tuple[dict[int, int], int]:
 def test_converted_model_has_the_original_logits(tmp_path):
     src, out = tmp_path / "original", tmp_path / "ours"
     mapping, before = original_checkpoint(src)
+    out.mkdir()  # an empty directory is written in place (as ds-export's temporary directory is)
     mmap = hf.convert_original(src, out)
 
     tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
@@ -117,9 +118,10 @@ def test_converted_model_has_the_original_logits(tmp_path):
 
 def test_conversion_refusals(tmp_path):
     src = tmp_path / "original"
-    original_checkpoint(src)
+    mapping, _ = original_checkpoint(src)
     (tmp_path / "taken").mkdir()
-    with pytest.raises(UsageError, match="exists"):
+    (tmp_path / "taken" / "file").write_text("kept")
+    with pytest.raises(UsageError, match="not an empty directory"):
         hf.convert_original(src, tmp_path / "taken")
     (src / "replicated_tokens_map.pkl").write_bytes(pickle.dumps({1: object()}))
     with pytest.raises(UsageError, match="not a map of token ids"):
@@ -132,3 +134,7 @@ def test_conversion_refusals(tmp_path):
     with pytest.raises(UsageError, match="outside the model"):
         hf.convert_original(src, tmp_path / "out", tokens_map=tmp_path / "bad.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "original", "taken"]
+    (tmp_path / "good.json").write_text(json.dumps(mapping))
+    hf.convert_original(src, tmp_path / "fresh", tokens_map=tmp_path / "good.json", objective="prefix_code_clm")
+    assert hf.ModalityMap.read(tmp_path / "fresh").prefix_lm
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "fresh", "good.json", "original", "taken"]
