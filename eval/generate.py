@@ -1,13 +1,17 @@
 """Generation with the modality rules the model was trained with, from an exported model directory.
 
 An export (ARCHITECTURE.md "Exports") is a `transformers` GPTNeoForCausalLM whose vocabulary is
-V + |S|, with `modality_map.json` `{"separation", "base_vocab_size": V, "separated_ids": [...]}`:
+V + |S|, with `modality_map.json` (`ds_train.hf.ModalityMap`). It is loaded here as the plain model,
+never through its remote code, and the rules are applied from outside:
 
 - **input routing**: a code token x = separated_ids[i] of the prompt is fed as id V + i (its row
   of the code table C); text tokens and special tokens keep their ids;
 - **the code view**: the generated tokens are code, so a `LogitsProcessor` forbids the columns
   `separated_ids` (their code-table twins V + i are allowed instead); generated ids >= V are fed
   back as they are (code rows) and mapped back to `separated_ids[id - V]` before decoding.
+
+- **the prompt of a Prefix Code CLM model** (`prefix_lm`): its first read attends both ways inside
+  `<bot>` ... `<python>`, as in training; the following steps read the cache causally.
 
 Without `modality_map.json` the model is plain (separation none) and decodes as is.
 
