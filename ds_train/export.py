@@ -1,7 +1,7 @@
 """`ds-export`: a checkpoint of any ZeRO stage -> a `transformers` directory (fp16, bf16 or fp32).
 
     ds-export RUN_OR_CHECKPOINT_DIR OUT_DIR [--dtype fp16|bf16|fp32] [--tag step-N] [--force]
-    ds-export --from-original SRC_DIR OUT_DIR [--force]
+    ds-export --from-original SRC_DIR OUT_DIR [--objective NAME] [--tokens-map FILE] [--force]
 
 Three owners do the work: `ds_train.checkpoint` finds the checkpoint and verifies it (complete, every file
 matching its recorded checksum), `ds_train.consolidate` reads the full weights from DeepSpeed's files (no
@@ -136,13 +136,16 @@ def write_beside(out_dir: Path, write: Callable[[Path], Any]) -> Any:
     return result
 
 
-def from_original(source: str | Path, out_dir: str | Path, force: bool = False) -> Path:
-    """A model directory in the original work's format -> ours (`ds_train.hf.convert_original`)."""
+def from_original(source: str | Path, out_dir: str | Path, force: bool = False, objective: str = "code_clm",
+                  tokens_map: str | Path | None = None) -> Path:
+    """A model directory in the original work's format (trained with `objective`; its replicated-tokens
+    map in it unless `tokens_map` names it) -> ours (`ds_train.hf.convert_original`)."""
     source, out_dir = Path(source), Path(out_dir)
     if not source.is_dir():
         raise UsageError(f"{source}: no such directory")
     check_out_dir(out_dir, force)
-    write_beside(out_dir, lambda staging: hf.convert_original(source, staging))
+    write_beside(out_dir, lambda staging: hf.convert_original(source, staging, tokens_map=tokens_map,
+                                                              objective=objective))
     return out_dir
 
 
@@ -156,6 +159,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     parser.add_argument("--from-original", action="store_true",
                         help="SOURCE is a model directory in the original work's format: convert it")
+    parser.add_argument("--objective", default=None,
+                        help="with --from-original: the objective it was trained with (default code_clm)")
+    parser.add_argument("--tokens-map", default=None,
+                        help="with --from-original: its replicated-tokens map, when not in SOURCE")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -168,9 +175,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.from_original:
             if args.tag is not None or args.dtype != "fp16":
                 raise UsageError("--tag and --dtype apply to checkpoints, not to --from-original")
-            out = from_original(args.source, args.out_dir, args.force)
+            out = from_original(args.source, args.out_dir, args.force, args.objective or "code_clm",
+                                args.tokens_map)
             print(f"converted {args.source} (the original work's format) -> {out}")
             return 0
+        if args.objective is not None or args.tokens_map is not None:
+            raise UsageError("--objective and --tokens-map apply to --from-original only")
         res = export(args.source, args.out_dir, args.dtype, args.tag, args.force,
                      progress=not args.no_progress and sys.stderr.isatty())
     except UsageError as err:

@@ -625,3 +625,25 @@ def test_from_original_refusals(tmp_path, capsys):
     (out / "keep.txt").write_text("mine")
     assert_refused(*run_cli(capsys, "--from-original", tmp_path, out), "is not empty (pass --force")
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_from_original_replaces_the_target_only_when_complete(tmp_path, capsys):
+    """A model in the original work's format (made as tests/test_original_format.py makes it) over an
+    existing directory with --force: the conversion lands whole, nothing is left beside it."""
+    from transformers import AutoModelForCausalLM
+
+    from ds_train.export import main
+    from tests.test_original_format import original_checkpoint
+
+    src, out = tmp_path / "original", tmp_path / "out"
+    original_checkpoint(src)
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    argv = ["--from-original", str(src), str(out), "--force", "--objective", "prefix_code_clm"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert not (out / "old.txt").exists()
+    mapping = json.loads((out / "modality_map.json").read_text())
+    assert (mapping["separation"], mapping["objective"]) == ("original", "prefix_code_clm")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.vocab_size == mapping["base_vocab_size"] + len(mapping["separated_ids"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["original", "out"]
