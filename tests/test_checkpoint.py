@@ -91,9 +91,12 @@ def warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
 
-@pytest.mark.parametrize("marker", [b"[1, 2, 3]", b'"step-4"', b'{"step": 4}', b'{"files": [1]}', b"\xff\xfe{",
-                                    random.Random(0).randbytes(256)],
-                         ids=["list", "string", "no-files", "files-not-a-map", "not-utf8", "random-bytes"])
+BAD_MARKERS = {"list": b"[1, 2, 3]", "string": b'"step-4"', "no-files": b'{"step": 4}',
+               "files-not-a-map": b'{"files": [1]}', "not-utf8": b"\xff\xfe{",
+               "random-bytes": random.Random(0).randbytes(256)}
+
+
+@pytest.mark.parametrize("marker", list(BAD_MARKERS.values()), ids=list(BAD_MARKERS))
 def test_a_marker_that_is_not_a_json_object_is_passed_over(saved, tmp_path, caplog, marker):
     ckpts = copy(saved, tmp_path)
     (ckpts / "step-4" / MARKER).write_bytes(marker)
