@@ -120,6 +120,7 @@ class MRPTForCausalLM(GPTNeoForCausalLM):
         self,
         input_ids=None,
         attention_mask=None,
+        position_ids=None,
         labels=None,
         code_next=None,
         prefix=None,
@@ -127,7 +128,8 @@ class MRPTForCausalLM(GPTNeoForCausalLM):
         **kwargs,
     ):
         """Base tokenizer ids in the training layout (a whole sequence), or, from `generate`, routed
-        ids with their flags. Logits have V columns; `labels` (base ids, -100 ignored) give the loss."""
+        ids with their flags (`position_ids` is named so that `generate` counts positions from the
+        first real token of a left-padded row). Logits have V columns; `labels` (base ids, -100 ignored) give the loss."""
         if input_ids is not None and not routed:
             modality, code_next, prefix = layout_flags(input_ids, self.special)
             input_ids = self.route(input_ids, modality)
@@ -135,9 +137,13 @@ class MRPTForCausalLM(GPTNeoForCausalLM):
         if bidirectional:
             mask = padding_mask(input_ids, attention_mask, self.dtype)
             with prefix_attention(self, prefix, attention_mask):
-                out = super().forward(input_ids=input_ids, attention_mask=mask, **kwargs)
+                out = super().forward(
+                    input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs
+                )
         else:
-            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            out = super().forward(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+            )
         if code_next is not None:
             out.logits = self.code_view(out.logits, code_next[:, -out.logits.shape[1] :])
         else:
@@ -155,7 +161,9 @@ def padding_mask(input_ids: torch.Tensor, attention_mask, dtype: torch.dtype) ->
     if attention_mask is not None:
         keep = attention_mask.bool()
     allowed = keep[:, None, None, :] | torch.eye(T, dtype=torch.bool, device=input_ids.device)
-    return torch.zeros(B, 1, T, T, device=input_ids.device, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return torch.zeros(B, 1, T, T, device=input_ids.device, dtype=dtype).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
 
 
 @contextlib.contextmanager
@@ -247,7 +255,9 @@ class MRPTTokenizer(_FastTokenizer):
         if BOT in source:
             return super().__call__(source, add_special_tokens=False)["input_ids"]
         signature, docstring = split_prompt(source)
-        sig, doc = super().__call__([signature, render_docstring(docstring)], add_special_tokens=False)["input_ids"]
+        sig, doc = super().__call__([signature, render_docstring(docstring)], add_special_tokens=False)[
+            "input_ids"
+        ]
         ids = self.convert_tokens_to_ids([BOT, COMMENTS, PYTHON])
         return [ids[0], *sig, ids[1], *doc, ids[2]]
 

@@ -218,3 +218,27 @@ def test_ds_eval_generate_prints_the_completed_function(tmp_path_factory, capsys
     assert printed.startswith(PROMPT) and len(printed) > len(PROMPT)
     assert eval_main(["generate", "--model", str(out), "--prompt", "x = 1"]) == 2
     assert capsys.readouterr().err.strip() == "ds-eval generate: the prompt defines no top-level function"
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(tmp_path_factory):
+    """Two prompts of different lengths in one left-padded batch (the prefix mask per row) give the
+    tokens each gives alone, through the remote code and through the project's generator."""
+    _, out, _, _ = _case("partial", "prefix_code_clm", tmp_path_factory)
+    other = 'def add_two(first, second):\n    """Return the sum of first and second, as a number."""\n'
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True, padding_side="left")
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    batch = tokenizer([PROMPT, other], return_tensors="pt")
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()  # really padded
+    together = remote.generate(**batch, do_sample=False, max_new_tokens=20)[:, batch["input_ids"].shape[1] :]
+    for row, prompt in enumerate([PROMPT, other]):
+        alone = tokenizer(prompt, return_tensors="pt")
+        single = remote.generate(**alone, do_sample=False, max_new_tokens=20)[0, alone["input_ids"].shape[1] :]
+        assert together[row].tolist()[: len(single)] == single.tolist()
+
+    generator = Generator(out, device="cpu")
+    problems = [
+        humaneval_problem({"task_id": f"t/{i}", "prompt": p, "entry_point": "add_two", "test": ""})
+        for i, p in enumerate([PROMPT, other])
+    ]
+    settings = Settings(greedy=True, max_new_tokens=20)
+    assert generator.complete(problems, settings) == [generator.complete([p], settings)[0] for p in problems]
