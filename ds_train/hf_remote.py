@@ -38,6 +38,8 @@ try:
 except ImportError:  # transformers < 5
     from transformers import PreTrainedTokenizerFast as _FastTokenizer
 
+# Copies of ds_train's definitions (this file runs without ds_train; tests/test_hf_generate.py checks
+# that they agree): the special tokens of ds_train.data.tokenizer and ds_train.data.encode's DOC_INDENT.
 BOT, COMMENTS, PYTHON, EOT, PAD = "<bot>", "<comments>", "<python>", "<eot>", "<pad>"
 DOC_INDENT = "    "
 _PROBE = "__mrpt_probe__"
@@ -196,7 +198,8 @@ def prefix_attention(model: GPTNeoForCausalLM, prefix: torch.Tensor, attention_m
 
 
 def render_docstring(docstring: str) -> str:
-    """The docstring as an indented triple-quoted block, as training renders it."""
+    """The docstring as an indented triple-quoted block, as training renders it (a copy of
+    `ds_train.data.encode.render_docstring`)."""
     text = docstring.strip().replace('"""', '\\"\\"\\"')
     if "\n" not in text:
         return f'{DOC_INDENT}"""{text}"""'

@@ -20,7 +20,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from ds_train import hf
+from ds_train import hf, hf_remote
+from ds_train.data import encode
+from ds_train.data import tokenizer as tokenizer_module
 from ds_train.data.codec import linearize
 from ds_train.data.encode import encode_pair, encode_prompt
 from ds_train.data.sources import Pair
@@ -213,7 +215,9 @@ def test_ds_eval_generate_prints_the_completed_function(tmp_path_factory, capsys
     assert eval_main(["generate", "--model", str(out), "--prompt", PROMPT, "--greedy"]) == 0
     assert capsys.readouterr().out == PROMPT + BODY
     monkeypatch.setattr(sys, "stdin", io.StringIO(PROMPT))
-    assert eval_main(["generate", "--model", str(out), "--prompt", "-", "--greedy", "--max-length", "60"]) == 0
+    assert (
+        eval_main(["generate", "--model", str(out), "--prompt", "-", "--greedy", "--max-length", "60"]) == 0
+    )
     printed = capsys.readouterr().out
     assert printed.startswith(PROMPT) and len(printed) > len(PROMPT)
     assert eval_main(["generate", "--model", str(out), "--prompt", "x = 1"]) == 2
@@ -232,7 +236,9 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tmp_path_factory):
     together = remote.generate(**batch, do_sample=False, max_new_tokens=20)[:, batch["input_ids"].shape[1] :]
     for row, prompt in enumerate([PROMPT, other]):
         alone = tokenizer(prompt, return_tensors="pt")
-        single = remote.generate(**alone, do_sample=False, max_new_tokens=20)[0, alone["input_ids"].shape[1] :]
+        single = remote.generate(**alone, do_sample=False, max_new_tokens=20)[
+            0, alone["input_ids"].shape[1] :
+        ]
         assert together[row].tolist()[: len(single)] == single.tolist()
 
     generator = Generator(out, device="cpu")
@@ -242,3 +248,18 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tmp_path_factory):
     ]
     settings = Settings(greedy=True, max_new_tokens=20)
     assert generator.complete(problems, settings) == [generator.complete([p], settings)[0] for p in problems]
+
+
+def test_the_remote_copies_agree_with_ds_train():
+    """hf_remote.py runs without ds_train, so it carries copies; they must equal the originals."""
+    names = (hf_remote.BOT, hf_remote.COMMENTS, hf_remote.PYTHON, hf_remote.EOT, hf_remote.PAD)
+    assert names == (
+        tokenizer_module.BOT,
+        tokenizer_module.COMMENTS,
+        tokenizer_module.PYTHON,
+        tokenizer_module.EOT,
+        tokenizer_module.PAD,
+    )
+    assert hf_remote.DOC_INDENT == encode.DOC_INDENT
+    for doc in ["One line.", "Two\nlines.\n  indented", 'Has """ quotes', ""]:
+        assert hf_remote.render_docstring(doc) == encode.render_docstring(doc)
