@@ -260,11 +260,14 @@ class Generator:
             limits = [min(settings.max_new_tokens, room) for _ in prompts]  # new tokens per row
         else:
             limits = [min(settings.max_length - len(ids), room) for ids, _, _ in prompts]
-        if min(limits) < 1:
-            raise UsageError(
-                f"no room to generate: a prompt of {width} tokens, max_length {settings.max_length}, "
-                f"context {self.context}"
-            )
+        for problem, (ids, _, _), limit in zip(problems, prompts, limits, strict=True):
+            if limit < 1:
+                log.warning(
+                    "%s: the prompt (%d tokens) leaves no room to generate: empty completion",
+                    problem.task_id,
+                    len(ids),
+                )
+        limits = [max(0, limit) for limit in limits]
         pad = self.ids[PAD]
         input_ids = torch.tensor(
             [[pad] * (width - len(ids)) + ids for ids, _, _ in prompts], device=self.device

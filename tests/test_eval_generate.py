@@ -320,3 +320,6 @@ def test_settings_seed_top_k_max_length_and_the_prompt_field(generator, problems
         assert len(kept) <= max(lengths) + 5 - n
         assert kept == free[: len(kept)]
         assert len(kept) == min(len(free), max(lengths) + 5 - n)
+    # a prompt longer than max_length: an empty completion (logged), not a failed run
+    [(completion, kept)] = generator.complete(problems[:1], Settings(greedy=True, max_length=5))
+    assert kept == [] and isinstance(completion, str)
