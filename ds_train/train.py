@@ -184,6 +184,7 @@ class Trainer:
         import deepspeed
 
         from ds_train.data.tokenizer import load_tokenizer, separated_ids
+        from ds_train.hf import load_model
         from ds_train.model import GPTNeo, GPTNeoConfig
 
         self.prepared = prepared
@@ -196,7 +197,7 @@ class Trainer:
             loss_chunk_size=self.cfg.model.loss_chunk_size,
         )
         if self.cfg.model.init_from:  # shape from its config.json; vocabulary and S from our tokenizer
-            model = GPTNeo.from_pretrained_hf(
+            model = load_model(
                 self.cfg.model.init_from, vocab_size=len(tok), separated_ids=tuple(sep),
                 pad_token_id=tok.pad_token_id, activation_checkpointing=self.cfg.model.activation_checkpointing,
                 loss_chunk_size=self.cfg.model.loss_chunk_size)

@@ -445,7 +445,8 @@ def nan_positions_model(tmp_path_factory) -> Path:
     from safetensors.torch import save_file
 
     from ds_train.data.tokenizer import load_tokenizer, separated_ids
-    from ds_train.model import GPTNeo, GPTNeoConfig, hf_config_dict, to_hf_state_dict
+    from ds_train.hf import hf_config_dict, to_hf_state_dict
+    from ds_train.model import GPTNeo, GPTNeoConfig
 
     tok = load_tokenizer(ASSETS / "tokenizer")
     cfg = GPTNeoConfig.from_flavor("tiny", vocab_size=len(tok), pad_token_id=tok.pad_token_id,
