@@ -206,6 +206,8 @@ def read_marker(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"unreadable marker ({first_line(err)})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
         raise CheckpointError(f"unreadable marker (not a JSON object with a files map: {_short(meta)})")
+    if not all(isinstance(r, dict) and {"size", "crc32"} <= set(r) for r in meta["files"].values()):
+        raise CheckpointError("unreadable marker (files without sizes and checksums: an older format)")
     return meta
 
 
@@ -220,8 +222,7 @@ def is_complete(path: Path) -> tuple[bool, str]:
         f = path / name
         if not f.is_file():
             return False, f"{name} is missing"
-        size = record.get("size") if isinstance(record, dict) else None
-        if f.stat().st_size != size:
+        if f.stat().st_size != (size := record["size"]):
             return False, f"{name} has {f.stat().st_size} bytes, the save wrote {size} (truncated or changed)"
     return True, ""
 

@@ -92,7 +92,8 @@ def warnings(caplog) -> list[str]:
 
 
 BAD_MARKERS = {"list": b"[1, 2, 3]", "string": b'"step-4"', "no-files": b'{"step": 4}',
-               "files-not-a-map": b'{"files": [1]}', "not-utf8": b"\xff\xfe{",
+               "files-not-a-map": b'{"files": [1]}', "sizes-only": b'{"files": {"data_rank0.pt": 1279}}',
+               "not-utf8": b"\xff\xfe{",
                "random-bytes": random.Random(0).randbytes(256)}
 
 
