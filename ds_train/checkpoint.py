@@ -1,18 +1,16 @@
 """Checkpoints that resume: DeepSpeed's files plus our marker, per-rank data and RNG state, keep-last-k.
 
-Layout (ARCHITECTURE.md): RUN_DIR/checkpoints/step-N/ holds DeepSpeed's files for tag step-N,
-`data_rank{r}.pt` and `rng_rank{r}.pt` for every rank, a `tokenizer/` copy, and `ds_train.json`,
-written by rank 0 only after every rank finished and synced its files: its presence marks a complete
-save. The marker lists every file of the tag with its size, so a truncated or missing file is caught at
-start-up (`is_complete`) and the previous complete checkpoint is used instead. `checkpoints/latest` names
-the newest complete tag and is replaced atomically after the marker.
-
-A save that cannot write (full disk, quota, I/O error) raises `CheckpointError` naming the file system
-error and the previous complete checkpoint, which is left as it was.
-
-A checkpoint written by another number of ranks is loaded through DeepSpeed's universal checkpoint:
-rank 0 converts it once into `step-N/universal/` (reused by later resumes), every rank loads that, and
-the data stream splits the rest of the saved epoch over the new ranks (`ds_train.data.stream.reshape`).
+The one place that finds and verifies a checkpoint (resume and `ds-export`). RUN_DIR/checkpoints/step-N/
+(ARCHITECTURE.md) holds DeepSpeed's files, `data_rank{r}.pt`, `rng_rank{r}.pt`, a `tokenizer/` copy and
+the marker `ds_train.json`, written by rank 0 after every rank wrote, synced and checksummed its files.
+It lists every file with its size and CRC-32 and each optimizer group's parameter names in the order the
+optimizer holds them (`ds_train.consolidate` reads the masters by them). A checkpoint with a missing,
+truncated or corrupted file, or a marker that is not a readable JSON object, is passed over with one
+warning line. `checkpoints/latest` names the newest complete tag and is replaced atomically after it.
+A save that cannot write (full disk, quota, I/O error) raises `CheckpointError` naming the error and the
+previous complete checkpoint, left as it was. A checkpoint written by another number of ranks is loaded
+through DeepSpeed's universal checkpoint: rank 0 converts it once into `step-N/universal/`, every rank
+loads that, and the data stream splits the rest of the saved epoch over the new ranks.
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from ds_train import distributed
+from ds_train.errors import UsageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,13 @@ MARKER = "ds_train.json"
 UNIVERSAL = "universal"  # step-N/universal/: DeepSpeed's universal checkpoint of step-N
 UNIVERSAL_DONE = "converted.json"  # written last into universal/: the conversion finished
 TAG_RE = re.compile(r"^step-(\d+)$")
+OWNER_RE = re.compile(r"(?:pp_rank_|data_rank|rng_rank)(\d+)")  # the rank a file of a tag belongs to
+CHUNK = 16 << 20  # bytes read at a time for a checksum
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the reason."""
+class CheckpointError(UsageError):
+    """A checkpoint that cannot be used or written; the message names the reason (callers that convert or
+    load tell it apart from other refusals)."""
 
 
 @dataclass(frozen=True)
@@ -77,11 +80,8 @@ def _fsync_tree(path: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
-        "torch": torch.get_rng_state(),
-    }
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -99,11 +99,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save(engine, ckpt_dir: Path, step: int, meta: dict[str, Any], data_state: Any,
          tokenizer_dir: Path | None, keep_last: int, rank: int, world_size: int) -> Path:
-    """Collective: every rank calls it at the same step.
-
-    Raises:
-        CheckpointError: this rank could not write its part (the older checkpoints are untouched).
-    """
+    """Collective: every rank calls it at the same step. Each rank syncs and checksums the files it owns
+    (`owner`) while they are in the page cache; rank 0 gathers the records, writes the marker, then `latest`.
+    Raises CheckpointError when this rank could not write its part (older checkpoints are untouched)."""
     tag = tag_for(step)
     path = ckpt_dir / tag
     if rank == 0 and path.exists():
@@ -113,19 +111,64 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict[str, Any], data_state: An
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
         torch.save(data_state, path / f"data_rank{rank}.pt")
         torch.save(rng_state(), path / f"rng_rank{rank}.pt")
+        if rank == 0 and tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, path / "tokenizer", dirs_exist_ok=True)
     distributed.barrier()
+    with _write_errors_reported(ckpt_dir, path, rank):
+        names = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MARKER)
+        mine = {name: _checksum(path / name, sync=True) for name in names if owner(name, world_size) == rank}
+    files = {name: record for share in _gather(mine) for name, record in share.items()}
     if rank == 0:
         with _write_errors_reported(ckpt_dir, path, rank):
-            _fsync_tree(path)  # every rank's files reach the disk before the marker says they did
-            if tokenizer_dir is not None:
-                shutil.copytree(tokenizer_dir, path / "tokenizer", dirs_exist_ok=True)
-            marker = {**meta, "step": step, "world_size": world_size, "files": _file_sizes(path)}
+            marker = {**meta, "step": step, "world_size": world_size,
+                      "zero_stage": engine.zero_optimization_stage(),
+                      "param_groups": optimizer_param_names(engine), "files": dict(sorted(files.items()))}
             _atomic_write(path / MARKER, json.dumps(marker, indent=1))
             _atomic_write(ckpt_dir / "latest", tag)
         prune(ckpt_dir, keep_last)
         log.info("checkpoint %s saved", path)
     distributed.barrier()
     return path
+
+
+def optimizer_param_names(engine) -> list[list[str]]:
+    """Each optimizer group's parameter names in the order its fp32 masters and partitions follow, found
+    as DeepSpeed's `_get_zero_param_shapes` finds them (its wrappers' 16-bit groups, else the groups)."""
+    optimizer = engine.optimizer
+    attrs = ("round_robin_bit16_groups", "bf16_groups", "fp16_groups", "bit16_groups")
+    groups = next((getattr(optimizer, a) for a in attrs if getattr(optimizer, a, None)), None)
+    if groups is None:
+        groups = [group["params"] for group in optimizer.param_groups] if optimizer is not None else []
+    names = {id(p): name for name, p in engine.module.named_parameters()}
+    return [[names[id(p)] for p in group] for group in groups]
+
+
+def owner(name: str, world_size: int) -> int:
+    """The rank that checksums a file of a tag at save time: the rank in its name, rank 0 for the rest."""
+    match = OWNER_RE.search(name)
+    rank = int(match.group(1)) if match else 0
+    return rank if rank < world_size else 0
+
+
+def _gather(mine: Any) -> list[Any]:
+    """Every rank's `mine`, by rank (collective when a process group of several ranks is up)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return [mine]
+    shares: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(shares, mine)
+    return shares
+
+
+def _checksum(path: Path, sync: bool = False) -> dict[str, Any]:
+    """{"size", "crc32"} of a file (CRC-32 as 8 hex digits), read in chunks; fsynced first with `sync`."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        if sync:
+            os.fsync(f.fileno())
+        while chunk := f.read(CHUNK):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return {"size": size, "crc32": f"{crc:08x}"}
 
 
 @contextmanager
@@ -142,7 +185,7 @@ def _write_errors_reported(ckpt_dir: Path, path: Path, rank: int) -> Iterator[No
 
 def _write_failure(ckpt_dir: Path, path: Path, rank: int, err: BaseException) -> str:
     """One line: what failed, why, and which checkpoint a restart will use."""
-    reason = distributed.first_line(err)
+    reason = first_line(err)
     try:
         reason += f"; {shutil.disk_usage(ckpt_dir).free / 2**30:.2f} GiB free there"
     except OSError:
@@ -152,45 +195,50 @@ def _write_failure(ckpt_dir: Path, path: Path, rank: int, err: BaseException) ->
     return f"rank {rank} could not write checkpoint {path} ({reason}); free space or fix the file system: {fallback}"
 
 
-def _file_sizes(path: Path) -> dict[str, int]:
-    """Every file of a tag directory (the marker aside) with its size, for `is_complete`."""
-    return {str(p.relative_to(path)): p.stat().st_size
-            for p in sorted(path.rglob("*")) if p.is_file() and p.name != MARKER}
+def read_marker(path: Path) -> dict[str, Any]:
+    """The marker of tag directory `path`, a JSON object with a `files` map (else CheckpointError)."""
+    marker = path / MARKER
+    if not marker.is_file():
+        raise CheckpointError(f"no {MARKER} marker (the save did not finish)")
+    try:
+        meta = json.loads(marker.read_bytes())
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
+        raise CheckpointError(f"unreadable marker ({first_line(err)})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
+        raise CheckpointError(f"unreadable marker (not a JSON object with a files map: {_short(meta)})")
+    if not all(isinstance(r, dict) and {"size", "crc32"} <= set(r) for r in meta["files"].values()):
+        raise CheckpointError("unreadable marker (files without sizes and checksums: an older format)")
+    return meta
 
 
 def is_complete(path: Path) -> tuple[bool, str]:
-    """A tag directory is complete when its marker exists and every file it lists has its recorded size
-    (markers written before sizes were recorded: every rank's files are there and none is empty)."""
-    marker = path / MARKER
-    if not marker.is_file():
-        return False, "no ds_train.json marker (the save did not finish)"
+    """A tag directory is complete when its marker is a readable JSON object and every file it lists is
+    there with its recorded size (cheap: no file is read). Returns (complete, why not)."""
     try:
-        meta = json.loads(marker.read_text())
-    except (json.JSONDecodeError, OSError) as err:
-        return False, f"unreadable marker ({err})"
-    if isinstance(meta.get("files"), dict):
-        return _sizes_match(path, meta["files"])
-    world = int(meta.get("world_size", 0))
-    for r in range(world):
-        for name in (f"data_rank{r}.pt", f"rng_rank{r}.pt"):
-            if not (path / name).is_file() or (path / name).stat().st_size == 0:
-                return False, f"missing or empty {name}"
-    if not any(path.glob("*model_states.pt")):
-        return False, "no DeepSpeed model states file"
-    for f in path.glob("*.pt"):
-        if f.stat().st_size == 0:
-            return False, f"empty file {f.name}"
-    return True, ""
-
-
-def _sizes_match(path: Path, sizes: dict[str, int]) -> tuple[bool, str]:
-    for name, size in sizes.items():
+        meta = read_marker(path)
+    except CheckpointError as err:
+        return False, str(err)
+    for name, record in meta["files"].items():
         f = path / name
         if not f.is_file():
             return False, f"{name} is missing"
-        if f.stat().st_size != size:
+        if f.stat().st_size != (size := record["size"]):
             return False, f"{name} has {f.stat().st_size} bytes, the save wrote {size} (truncated or changed)"
     return True, ""
+
+
+def verify(path: Path, files: dict[str, Any], rank: int = 0, world_size: int = 1) -> str:
+    """Compare this rank's share of the files (by size, largest first, dealt round-robin over the ranks)
+    with their recorded checksums; returns why the first that differs is corrupt, "" when all match."""
+    by_size = sorted(files, key=lambda name: (-int(files[name].get("size", 0)), name))
+    for name in by_size[rank::world_size]:
+        try:
+            got = _checksum(path / name)["crc32"]
+        except OSError as err:
+            return f"{name} cannot be read ({first_line(err)})"
+        if got != files[name].get("crc32"):
+            return f"{name} does not match its checksum (crc32 {got}, saved {files[name].get('crc32')})"
+    return ""
 
 
 def list_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
@@ -200,16 +248,62 @@ def list_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out, reverse=True)
 
 
-def find_latest(ckpt_dir: Path, quiet: bool = False) -> Found | None:
-    """The newest complete checkpoint; torn ones are reported (one warning line each) and passed over."""
+def find_latest(ckpt_dir: Path, quiet: bool = False, checksums: bool = False) -> Found | None:
+    """The newest complete checkpoint; torn ones (with `checksums`, corrupted ones too: then every rank of
+    the process group calls it, checks a share of the files, and they agree) are warned of and passed over."""
+    up = torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if up else (0, 1)
     for step, path in list_tags(ckpt_dir):
         ok, why = is_complete(path)
+        if checksums:  # one verdict for all ranks, even where they saw different things
+            why = why or verify(path, read_marker(path)["files"], rank, world)
+            why = next((v for v in _gather(why) if v), "")
+            ok = not why
         if ok:
-            meta = json.loads((path / MARKER).read_text())
-            return Found(path.name, step, path, meta)
+            return Found(path.name, step, path, read_marker(path))
         if not quiet:
             log.warning("checkpoint %s is incomplete and is skipped: %s", path, why)
     return None
+
+
+def find_for_resume(ckpt_dir: Path) -> Found | None:
+    """Collective: the newest complete checkpoint whose files match their checksums; None without any
+    checkpoint. Checkpoints none of which can be used are refused (starting at step 0 would prune them)."""
+    found = find_latest(ckpt_dir, checksums=True)
+    if found is None and list_tags(ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir} holds checkpoints and none is complete and intact (see the "
+                              "warnings above): move them away to start afresh, or use another run.dir")
+    return found
+
+
+def locate(path: str | Path, tag: str | None = None) -> Found:
+    """For `ds-export`: a run dir, its checkpoints/ dir or a tag dir (and an optional tag) -> the checkpoint
+    (without a tag the newest complete one), complete and matching its checksums, else CheckpointError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such directory")
+    ckpts = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if (path / MARKER).exists() or any(path.glob("*model_states.pt")):  # a tag dir
+        if tag is not None and path.name != tag:
+            raise CheckpointError(f"{path} is the checkpoint {path.name}, not --tag {tag}")
+        tag_dir = path
+    elif tag is not None:
+        tag_dir = ckpts / tag
+        if not tag_dir.is_dir():
+            raise CheckpointError(f"{ckpts}: no checkpoint named {tag!r}")
+    elif (found := find_latest(ckpts)) is not None:
+        tag_dir = found.path
+    elif list_tags(ckpts):
+        tag_dir = list_tags(ckpts)[0][1]  # none is complete: the newest one's reason is named below
+    else:
+        raise CheckpointError(f"{path} is not a checkpoint: no step-N checkpoints there")
+    ok, why = is_complete(tag_dir)
+    meta = read_marker(tag_dir) if ok else {}
+    why = why or verify(tag_dir, meta["files"])
+    if why:
+        raise CheckpointError(f"{tag_dir}: {why}")
+    match = TAG_RE.match(tag_dir.name)
+    return Found(tag_dir.name, int(match.group(1)) if match else int(meta.get("step", 0)), tag_dir, meta)
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:
@@ -330,7 +424,7 @@ def _load_universal(engine, found: Found, rank: int) -> None:
     except (AssertionError, KeyError, OSError, RuntimeError, ValueError) as err:
         if distributed.is_lost_peer(err):
             raise
-        reason = distributed.first_line(err)
+        reason = first_line(err)
         raise CheckpointError(f"DeepSpeed could not load the universal checkpoint {found.path / UNIVERSAL} "
                               f"({reason}); resume with the number of ranks that wrote it") from None
     finally:
@@ -397,7 +491,7 @@ def convert_to_universal(path: Path) -> Path:
     except Exception as err:  # noqa: BLE001 - the converter raises anything, unpickling errors included
         log.debug("ds_to_universal output:\n%s", chatter.getvalue())
         shutil.rmtree(scratch, ignore_errors=True)
-        reason = distributed.first_line(err)
+        reason = first_line(err)
         raise CheckpointError(f"DeepSpeed could not convert {path} to a universal checkpoint ({reason}); "
                               "resume with the number of ranks that wrote it") from None
     log.debug("ds_to_universal output:\n%s", chatter.getvalue())

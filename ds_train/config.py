@@ -76,6 +76,9 @@ class ModelConfig:
     """torch.compile the block stack on a GPU (the fast path; ignored on the CPU)."""
     loss_chunk_size: int = 4096
     """Target rows per chunk of the fused loss."""
+    local_attention: str = "always"
+    """GPT-Neo's local layers: "always" keep their window (GPT-Neo), "generation_only" train every layer
+    as global and window only when the export generates (the original work's training)."""
 
 
 @dataclass
@@ -214,7 +217,7 @@ def batch_arithmetic(train: TrainConfig, world_size: int) -> Batch:
 
 
 def _value_problems(cfg: Config, has_gpu: bool) -> list[str]:
-    from ds_train.model import FLAVORS  # the model owns the flavor names
+    from ds_train.model import FLAVORS, LOCAL_ATTENTION  # the model owns the flavor names
 
     p: list[str] = []
 
@@ -232,6 +235,8 @@ def _value_problems(cfg: Config, has_gpu: bool) -> list[str]:
         need(cfg.data.seq_len <= n_pos,
              f"data.seq_len={cfg.data.seq_len} exceeds the {n_pos} positions of model.flavor={cfg.model.flavor}")
     need(cfg.model.loss_chunk_size > 0, "model.loss_chunk_size must be positive")
+    need(cfg.model.local_attention in LOCAL_ATTENTION,
+         f"model.local_attention={cfg.model.local_attention!r}: expected one of {', '.join(LOCAL_ATTENTION)}")
     need(not cfg.model.init_from or Path(cfg.model.init_from).is_dir(),
          f"model.init_from={cfg.model.init_from!r}: no such directory")
     need(not cfg.data.tokenizer or Path(cfg.data.tokenizer).is_dir(),

@@ -1,4 +1,4 @@
-"""GPT-Neo with modality-relative embeddings (DESIGN.md §3, §5): config, blocks, model, `transformers` I/O.
+"""GPT-Neo with modality-relative embeddings (DESIGN.md §3, §5): config, blocks, model.
 
 The token table `wte.weight` is [E; C]: V text rows, then one code row per separated token
 (row V + i belongs to `separated_ids[i]`). Code tokens in S are routed to their code row by one
@@ -7,17 +7,15 @@ lookup through the `route` buffer; the tied head and the loss live in `ds_train.
 GPT-Neo math, as in `transformers`' GPTNeoForCausalLM: learned absolute positions, pre-LayerNorm
 blocks, q/k/v without bias and out_proj with bias, attention scores not scaled by 1/sqrt(head_dim),
 global and local (sliding window) layers, GELU (tanh) MLP of 4d, final LayerNorm, tied head.
-This file never imports DeepSpeed.
+This file never imports DeepSpeed or `transformers`; `ds_train.hf` maps the model to and from
+`transformers`' layout.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +29,8 @@ from ds_train.loss import modality_loss, operand_dtype, view_logits
 log = logging.getLogger(__name__)
 
 ATTENTION_TYPES = ("global", "local")
+LOCAL_ATTENTION = ("always", "generation_only")
+"""When local layers apply their window: always (GPT-Neo), or only at generation (the original's training)."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -56,6 +56,11 @@ class GPTNeoConfig:
     """Local layers attend to keys with |t - s| < window_size."""
     attention_types: tuple[str, ...] = ()
     """Per layer, "global" or "local"; empty means alternate global, local, global, ..."""
+    local_attention: str = "always"
+    """"always": local layers keep their window in this model, as GPT-Neo does (the default).
+    "generation_only": this model (training, `ds-eval loss`) treats every layer as global, and the
+    window applies only where the export is generated from, as in the original work, whose training
+    passed a 3-D packed mask that bypassed GPT-Neo's local window."""
     layer_norm_eps: float = 1e-5
     """Epsilon of every LayerNorm."""
     init_std: float = 0.02
@@ -97,6 +102,8 @@ class GPTNeoConfig:
             problems.append(
                 f"attention_types has {len(self.attention_types)} entries for {self.n_layer} layers"
             )
+        if self.local_attention not in LOCAL_ATTENTION:
+            problems.append(f"local_attention must be one of {LOCAL_ATTENTION} (got {self.local_attention!r})")
         if unknown := sorted(set(self.attention_types) - set(ATTENTION_TYPES)):
             problems.append(f"unknown attention types {unknown}; expected 'global' or 'local'")
         ids = self.separated_ids
@@ -223,11 +230,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block; `window` is None on global layers."""
+    """Pre-LayerNorm transformer block; `window` is None on global layers (and on all layers with
+    `local_attention="generation_only"`)."""
 
     def __init__(self, config: GPTNeoConfig, layer: int) -> None:
         super().__init__()
-        self.window = config.window_size if config.attention_types[layer] == "local" else None
+        windowed = config.attention_types[layer] == "local" and config.local_attention == "always"
+        self.window = config.window_size if windowed else None
         self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.attn = SelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
@@ -413,189 +422,3 @@ class GPTNeo(nn.Module):
         else:
             for block in self.h:
                 block.compile(dynamic=False)
-
-    @classmethod
-    def from_pretrained_hf(cls, path: str | Path, **config_overrides: Any) -> GPTNeo:
-        """Load a local `transformers` GPT-Neo directory (a plain one, or an export with modality_map.json).
-
-        The config comes from its config.json (and modality_map.json, when present), then
-        `config_overrides` (e.g. vocab_size=V and separated_ids=S of a tokenizer with added tokens).
-        """
-        path = Path(path)
-        config = GPTNeoConfig.from_dict({**_config_from_hf_dir(path), **config_overrides})
-        model = cls(config)
-        model.load_state_dict(from_hf_state_dict(_read_hf_weights(path), config))
-        log.info("loaded %s: %d parameters, |S| = %d", path, model.num_params(), config.n_separated)
-        return model
-
-
-# ----------------------------------------------------------------------------------------------------
-# `transformers` layout: GPTNeoForCausalLM keys and config.json
-# ----------------------------------------------------------------------------------------------------
-
-_HF_ATTN = re.compile(r"^h\.(\d+)\.attn\.")
-_HF_OWN_ATTN = re.compile(r"^h\.(\d+)\.attn\.attention\.")
-_HF_IGNORED = re.compile(r"(\.attn\.attention\.(bias|masked_bias)$)|(^lm_head\.weight$)")
-
-
-def _expected_shapes(config: GPTNeoConfig) -> dict[str, torch.Size]:
-    """Parameter names and shapes of GPTNeo(config), without allocating it."""
-    with torch.device("meta"):
-        return {name: p.shape for name, p in GPTNeo(config).state_dict().items()}
-
-
-def _check_keys(state_dict: dict[str, Tensor], config: GPTNeoConfig, what: str) -> None:
-    """Raise a one-line ValueError if `state_dict` lacks a parameter, has a stray one, or a wrong shape."""
-    expected = _expected_shapes(config)
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = [
-        f"{k} {tuple(state_dict[k].shape)} != {tuple(s)}"
-        for k, s in expected.items()
-        if k in state_dict and state_dict[k].shape != s
-    ]
-    problems = [f"missing {missing}"] * bool(missing) + [f"unexpected {unexpected}"] * bool(unexpected)
-    problems += [f"shape {w}" for w in wrong]
-    if problems:
-        raise ValueError(f"{what} does not match the model config: " + "; ".join(problems))
-
-
-def to_hf_state_dict(state_dict: dict[str, Tensor], config: GPTNeoConfig) -> dict[str, Tensor]:
-    """Our parameter names -> GPTNeoForCausalLM's; `lm_head.weight` is the same tensor as the table [E; C]."""
-    _check_keys(state_dict, config, "state dict")
-    hf = {"transformer." + _HF_ATTN.sub(r"h.\1.attn.attention.", k): v for k, v in state_dict.items()}
-    hf["lm_head.weight"] = hf["transformer.wte.weight"]
-    return hf
-
-
-def from_hf_state_dict(
-    hf_state_dict: dict[str, Tensor], config: GPTNeoConfig, *, seed: int = 0
-) -> dict[str, Tensor]:
-    """GPTNeoForCausalLM weights -> our state dict for `config`.
-
-    The token table may have V_hf <= V rows (a plain GPT-Neo; rows V_hf..V-1 are tokens the tokenizer
-    added, drawn from normal(0, init_std) with `seed`; the code rows start as copies of E's rows of the
-    separated ids; the pad row is zeroed) or exactly V + |S| rows (an export of this project, kept as is).
-    An untied `lm_head.weight` is an error: the head must be the token table.
-    """
-    ours = {}
-    for key, value in hf_state_dict.items():
-        if _HF_IGNORED.search(key):
-            continue
-        name = key.removeprefix("transformer.")
-        ours[_HF_OWN_ATTN.sub(r"h.\1.attn.", name)] = value
-    head = hf_state_dict.get("lm_head.weight")
-    table = hf_state_dict.get("transformer.wte.weight")
-    if head is not None and table is not None and not torch.equal(head, table):
-        raise ValueError("lm_head.weight differs from transformer.wte.weight: only a tied head is supported")
-    if table is not None:
-        ours["wte.weight"] = _full_token_table(table, config, seed)
-    _check_keys(ours, config, "checkpoint")
-    return ours
-
-
-def _full_token_table(table: Tensor, config: GPTNeoConfig, seed: int) -> Tensor:
-    """A checkpoint's token table (V_hf <= V rows, or V + |S|) -> the (V + |S|, d) table [E; C]."""
-    V, n_sep = config.vocab_size, config.n_separated
-    rows = table.shape[0]
-    if rows == V + n_sep:
-        return table.clone()
-    if rows > V:
-        raise ValueError(
-            f"checkpoint token table has {rows} rows; expected at most V = {V} or exactly V + |S| = {V + n_sep}"
-        )
-    full = torch.empty(V + n_sep, table.shape[1], dtype=table.dtype)
-    full[:rows] = table
-    generator = torch.Generator().manual_seed(seed)
-    new_rows = torch.randn(V - rows, table.shape[1], generator=generator) * config.init_std
-    full[rows:V] = new_rows.to(table.dtype)
-    full[V:] = full[torch.tensor(config.separated_ids, dtype=torch.long)]
-    if config.pad_token_id is not None:
-        full[config.pad_token_id] = 0.0
-    return full
-
-
-def _attention_types_hf(types: tuple[str, ...]) -> list:
-    """Per-layer types -> GPT-Neo's [[pattern, repeats]] form, with the shortest repeating pattern."""
-    n = len(types)
-    period = next(p for p in range(1, n + 1) if n % p == 0 and types == types[:p] * (n // p))
-    return [[list(types[:period]), n // period]]
-
-
-def hf_config_dict(config: GPTNeoConfig) -> dict[str, Any]:
-    """The `config.json` content of GPTNeoForCausalLM for this model; vocab_size = V + |S|."""
-    return {
-        "architectures": ["GPTNeoForCausalLM"],
-        "model_type": "gpt_neo",
-        "vocab_size": config.vocab_size + config.n_separated,
-        "max_position_embeddings": config.n_positions,
-        "hidden_size": config.d_model,
-        "num_layers": config.n_layer,
-        "num_heads": config.n_head,
-        "attention_types": _attention_types_hf(config.attention_types),
-        "window_size": config.window_size,
-        "intermediate_size": None,
-        "activation_function": "gelu_new",
-        "resid_dropout": 0.0,
-        "embed_dropout": 0.0,
-        "attention_dropout": 0.0,
-        "layer_norm_epsilon": config.layer_norm_eps,
-        "initializer_range": config.init_std,
-        "use_cache": True,
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pad_token_id": config.pad_token_id,
-        "tie_word_embeddings": True,
-    }
-
-
-def _config_from_hf_dir(path: Path) -> dict[str, Any]:
-    """GPTNeoConfig fields read from a `transformers` directory's config.json (+ modality_map.json)."""
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"{path} has no config.json: not a transformers model directory")
-    hf = json.loads(config_file.read_text())
-    if hf.get("model_type") != "gpt_neo":
-        raise ValueError(f"{config_file}: model_type is {hf.get('model_type')!r}, expected 'gpt_neo'")
-    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"{config_file}: activation {hf['activation_function']!r} is not GELU (tanh)")
-    if hf.get("intermediate_size") not in (None, 4 * hf["hidden_size"]):
-        raise ValueError(f"{config_file}: intermediate_size {hf['intermediate_size']} is not 4 x hidden_size")
-    types = [
-        t
-        for pattern, repeats in hf.get("attention_types", [[["global", "local"], 12]])
-        for t in pattern * repeats
-    ]
-    fields = {
-        "vocab_size": hf["vocab_size"],
-        "n_positions": hf["max_position_embeddings"],
-        "d_model": hf["hidden_size"],
-        "n_layer": hf["num_layers"],
-        "n_head": hf["num_heads"],
-        "window_size": hf.get("window_size", 256),
-        "attention_types": tuple(types),
-        "layer_norm_eps": hf.get("layer_norm_epsilon", 1e-5),
-        "init_std": hf.get("initializer_range", 0.02),
-        "pad_token_id": hf.get("pad_token_id"),
-    }
-    modality_map = path / "modality_map.json"
-    if modality_map.is_file():
-        mapping = json.loads(modality_map.read_text())
-        fields["vocab_size"] = mapping["base_vocab_size"]
-        fields["separated_ids"] = tuple(mapping["separated_ids"])
-    return fields
-
-
-def _read_hf_weights(path: Path) -> dict[str, Tensor]:
-    """All tensors of model.safetensors (single or sharded) or pytorch_model.bin in `path`."""
-    from safetensors.torch import load_file
-
-    if (path / "model.safetensors").is_file():
-        return load_file(path / "model.safetensors")
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(path / shard).items()}
-    if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise ValueError(f"{path} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")

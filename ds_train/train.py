@@ -184,6 +184,7 @@ class Trainer:
         import deepspeed
 
         from ds_train.data.tokenizer import load_tokenizer, separated_ids
+        from ds_train.hf import load_model
         from ds_train.model import GPTNeo, GPTNeoConfig
 
         self.prepared = prepared
@@ -196,7 +197,7 @@ class Trainer:
             loss_chunk_size=self.cfg.model.loss_chunk_size,
         )
         if self.cfg.model.init_from:  # shape from its config.json; vocabulary and S from our tokenizer
-            model = GPTNeo.from_pretrained_hf(
+            model = load_model(
                 self.cfg.model.init_from, vocab_size=len(tok), separated_ids=tuple(sep),
                 pad_token_id=tok.pad_token_id, activation_checkpointing=self.cfg.model.activation_checkpointing,
                 loss_chunk_size=self.cfg.model.loss_chunk_size)
@@ -236,7 +237,7 @@ class Trainer:
     def _resume(self) -> tuple[int, int, Any]:
         if not self.cfg.checkpoint.resume:
             return 0, 0, None
-        found = checkpoint.find_latest(self.ckpt_dir)
+        found = checkpoint.find_for_resume(self.ckpt_dir)  # checksums verified; refuses if none is usable
         if found is None:
             return 0, 0, None
         checkpoint.check_compatible(found.meta, self.meta, where=f"checkpoint {found.path}")

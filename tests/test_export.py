@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -268,14 +270,19 @@ def tag_dir(run_dir: Path) -> Path:
 # Consolidation
 
 
+def consolidated(run: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    from ds_train.checkpoint import read_marker
+    from ds_train.consolidate import consolidate
+
+    return consolidate(tag_dir(run), read_marker(tag_dir(run)), dtype)[0]
+
+
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("stage, precision", TOY_SPECS)
 def test_consolidate_equals_live_fp32_weights(worlds, world, stage, precision):
-    from ds_train.export import consolidate
-
     run = worlds[world] / f"toy-{stage}-{precision}"
     reference = torch.load(run / "reference.pt", weights_only=True)
-    state = consolidate(tag_dir(run))
+    state = consolidated(run)
     assert list(state) == reference["keys"]
     for name, expected in reference["weights"].items():
         assert state[name].dtype == torch.float32
@@ -288,11 +295,9 @@ def test_consolidate_equals_live_fp32_weights(worlds, world, stage, precision):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_consolidate_rounds_once_to_the_output_dtype(world2, dtype):
-    from ds_train.export import consolidate
-
     run = world2 / "toy-3-fp32"
     reference = torch.load(run / "reference.pt", weights_only=True)["weights"]
-    state = consolidate(tag_dir(run), dtype)
+    state = consolidated(run, dtype)
     for name, expected in reference.items():
         assert torch.equal(state[name], expected.to(dtype)), name
 
@@ -374,13 +379,10 @@ def test_export_directory_contents(world1, worlds, exports, separation):
     out = exports[(*case, "fp16")]
     base = AutoTokenizer.from_pretrained(TOKENIZER)
     V, S = len(base), separated_ids(TOKENIZER, separation)
-    assert json.loads((out / "modality_map.json").read_text()) == {
-        "separation": separation,
-        "base_vocab_size": V,
-        "separated_ids": S,
-    }
+    mapping = json.loads((out / "modality_map.json").read_text())
+    assert (mapping["separation"], mapping["base_vocab_size"], mapping["separated_ids"]) == (separation, V, S)
     config = json.loads((out / "config.json").read_text())
-    assert config["architectures"] == ["GPTNeoForCausalLM"] and config["vocab_size"] == V + len(S)
+    assert config["model_type"] == "gpt_neo" and config["vocab_size"] == V + len(S)
     tok = AutoTokenizer.from_pretrained(out)
     assert len(tok) == V + len(S)
     names = [tok.decode([i]) for i in range(V, V + len(S))]
@@ -392,8 +394,8 @@ def test_export_directory_contents(world1, worlds, exports, separation):
         base.convert_tokens_to_ids(EOT),
         base.convert_tokens_to_ids(PAD),
     )
-    for path in out.iterdir():  # nothing pickled: safetensors and JSON only
-        assert path.suffix in (".json", ".safetensors"), path.name
+    for path in out.iterdir():  # nothing pickled
+        assert path.suffix not in (".bin", ".pt", ".pth", ".pkl", ".pickle"), path.name
     with safe_open(out / "model.safetensors", "pt") as f:
         names = list(f.keys())
         assert {f.get_tensor(k).dtype for k in names} == {torch.float16}
@@ -401,16 +403,17 @@ def test_export_directory_contents(world1, worlds, exports, separation):
 
 
 def test_run_dir_checkpoints_dir_and_tag_dir_resolve_alike(world1):
-    from ds_train.export import ExportError, resolve_tag_dir
+    from ds_train.checkpoint import locate
+    from ds_train.errors import UsageError
 
     run = world1 / "model-1-partial-fp32"
     expected = tag_dir(run)
-    assert resolve_tag_dir(run) == expected
-    assert resolve_tag_dir(run / "checkpoints") == expected
-    assert resolve_tag_dir(expected) == expected
-    assert resolve_tag_dir(run, tag=f"step-{STEP}") == expected
-    with pytest.raises(ExportError, match="no checkpoint named 'step-9'"):
-        resolve_tag_dir(run, tag="step-9")
+    assert locate(run).path == expected
+    assert locate(run / "checkpoints").path == expected
+    assert locate(expected).path == expected
+    assert locate(run, tag=f"step-{STEP}").path == expected
+    with pytest.raises(UsageError, match="no checkpoint named 'step-9'"):
+        locate(run, tag="step-9")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -433,7 +436,7 @@ def copy_checkpoint(run: Path, dest: Path) -> Path:
 
 def assert_refused(rc: int, err: str, fragment: str) -> None:
     assert rc == 2
-    assert len(err.splitlines()) == 1 and err.startswith("ds-export: error:") and fragment in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("ds-export: ") and fragment in err, err
 
 
 def test_refuses_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
@@ -447,7 +450,8 @@ def test_refuses_missing_rank_files(world2, tmp_path, capsys):
         run = copy_checkpoint(world2 / name, tmp_path / name)
         for lost in tag_dir(run).glob("*zero_pp_rank_1_*optim_states.pt"):
             lost.unlink()
-        assert_refused(*run_cli(capsys, run, tmp_path / "out"), "missing rank files for world size 2")
+        rc, err = run_cli(capsys, run, tmp_path / "out")
+        assert_refused(rc, err, "_pp_rank_1_mp_rank_00_optim_states.pt is missing")
     assert not (tmp_path / "out").exists()
 
 
@@ -455,15 +459,19 @@ def test_refuses_an_unfinished_save(world1, tmp_path, capsys):
     run = copy_checkpoint(world1 / "model-1-partial-fp32", tmp_path / "run")
     (tag_dir(run) / "ds_train.json").unlink()
     assert_refused(
-        *run_cli(capsys, tag_dir(run), tmp_path / "out"), "unfinished save (no ds_train.json marker)"
+        *run_cli(capsys, tag_dir(run), tmp_path / "out"), "no ds_train.json marker (the save did not finish)"
     )
 
 
 def test_refuses_a_corrupt_rank_file(world1, tmp_path, capsys):
     run = copy_checkpoint(world1 / "model-1-partial-fp32", tmp_path / "run")
     optim = next(tag_dir(run).glob("*optim_states.pt"))
+    size = optim.stat().st_size
     optim.write_bytes(optim.read_bytes()[:1000])
-    assert_refused(*run_cli(capsys, run, tmp_path / "out"), "unreadable checkpoint file")
+    assert_refused(
+        *run_cli(capsys, run, tmp_path / "out"),
+        f"{optim.name} has 1000 bytes, the save wrote {size} (truncated or changed)",
+    )
 
 
 def test_refuses_an_unknown_dtype(world1, tmp_path, capsys):
@@ -504,12 +512,141 @@ def test_bf16_export_holds_the_rounded_fp32_weights(world1, tmp_path):
     assert len(saved) == len(reference)  # every parameter once, the tied head left to transformers
 
 
-def test_refuses_weights_that_overflow_fp16(world1, tmp_path, capsys):
+def rewrite_state(tag: Path, name: str, edit) -> None:
+    """Change a saved tensor as training could have made it, and record the file's new size and CRC-32 in
+    the marker (zlib, here), so that the checksum still holds: only the weights are bad."""
+    path = tag / name
+    saved = torch.load(path, weights_only=True)
+    edit(saved)
+    torch.save(saved, path)
+    marker = json.loads((tag / "ds_train.json").read_text())
+    data = path.read_bytes()
+    marker["files"][name] = {"size": len(data), "crc32": f"{zlib.crc32(data):08x}"}
+    (tag / "ds_train.json").write_text(json.dumps(marker))
+
+
+def test_refuses_non_finite_weights(world1, tmp_path, capsys):
     run = copy_checkpoint(world1 / "model-0-none-fp32", tmp_path / "run")
-    states = tag_dir(run) / "mp_rank_00_model_states.pt"
-    saved = torch.load(states, weights_only=True)
-    saved["module"]["ln_f.weight"][0] = 1e5  # finite in fp32, inf in fp16
-    torch.save(saved, states)
+
+    def overflow(saved):
+        saved["module"]["ln_f.weight"][0] = 1e5  # finite in fp32, inf in fp16
+
+    rewrite_state(tag_dir(run), "mp_rank_00_model_states.pt", overflow)
     assert_refused(*run_cli(capsys, run, tmp_path / "out"), "non-finite weights in fp16 in ln_f.weight")
     rc, _ = run_cli(capsys, run, tmp_path / "out", "--dtype", "bf16")
     assert rc == 0
+
+    def diverged(saved):
+        saved["module"]["h.0.mlp.c_fc.weight"][1, 2] = float("nan")
+
+    rewrite_state(tag_dir(run), "mp_rank_00_model_states.pt", diverged)
+    assert_refused(
+        *run_cli(capsys, run, tmp_path / "out2", "--dtype", "fp32"), "non-finite weights in fp32 in h.0.mlp"
+    )
+    assert not (tmp_path / "out2").exists()
+
+
+def test_refuses_a_checkpoint_with_flipped_bits(world1, tmp_path, capsys):
+    """One exponent bit flipped in an fp32 master (same size, still unpickles, a weight of ~1e30 that fp32
+    holds): the checksum names the file, nothing is written."""
+    run = copy_checkpoint(world1 / "model-1-partial-fp32", tmp_path / "run")
+    optim = next(tag_dir(run).glob("*optim_states.pt"))
+    load = lambda: torch.load(optim, weights_only=False)["optimizer_state_dict"]
+    part = load()["single_partition_of_fp32_groups"][0].detach()
+    i = int(((part.abs() > 1e-3) & (part.abs() < 1)).nonzero()[0])
+    needle = part[i : i + 4].numpy().tobytes()
+    data = bytearray(optim.read_bytes())
+    at = data.find(needle)
+    assert at >= 0 and data.find(needle, at + 1) < 0
+    data[at + 3] ^= 0x40  # the exponent's top bit: x 2**128
+    optim.write_bytes(bytes(data))
+    flipped = load()["single_partition_of_fp32_groups"][0][i].item()
+    assert 1e20 < abs(flipped) < float("inf")
+    rc, err = run_cli(capsys, run, tmp_path / "out", "--dtype", "fp32")
+    assert_refused(rc, err, f"{optim.name} does not match its checksum")
+    assert not (tmp_path / "out").exists()
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_failed_export_leaves_the_previous_one(world1, tmp_path):
+    """`--force` over an existing export, with every file capped at 64 KiB (a full disk): one line, exit 2,
+    the previous export byte for byte, no temporary directory left beside it."""
+    from ds_train.export import export
+
+    run, out = world1 / "model-0-none-fp32", tmp_path / "out"
+    export(run, out, dtype="fp32")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "ds_train.export", str(run), str(out), "--force", "--no-progress"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+                          preexec_fn=_limit_file_size(64 << 10))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ds-export: could not write {out} (") and last.endswith("left as it was"), last
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_marker_is_written_after_every_ranks_files(world2):
+    """World size 2: the marker lists both ranks' files with the sizes and CRC-32s they have (zlib, here),
+    and was written after every one of them; `latest` after the marker."""
+    for run in (world2 / "model-3-full-fp32", world2 / "toy-2-bf16"):
+        tag = tag_dir(run)
+        marker = json.loads((tag / "ds_train.json").read_text())
+        files = sorted(str(p.relative_to(tag)) for p in tag.rglob("*") if p.is_file())
+        files.remove("ds_train.json")
+        assert sorted(marker["files"]) == files
+        for rank in (0, 1):
+            assert {f"data_rank{rank}.pt", f"rng_rank{rank}.pt"} <= set(files)
+            assert any(f"_pp_rank_{rank}_" in name for name in files)
+        for name in files:
+            data = (tag / name).read_bytes()
+            assert marker["files"][name] == {"size": len(data), "crc32": f"{zlib.crc32(data):08x}"}, name
+        written = (tag / "ds_train.json").stat().st_mtime_ns
+        assert all((tag / name).stat().st_mtime_ns <= written for name in files)
+        assert (tag.parent / "latest").stat().st_mtime_ns >= written
+        assert (tag.parent / "latest").read_text() == tag.name
+
+
+def test_from_original_refusals(tmp_path, capsys):
+    """`--from-original`: a missing source, checkpoint-only flags, a non-empty target without --force."""
+    rc, err = run_cli(capsys, "--from-original", tmp_path / "missing", tmp_path / "out")
+    assert_refused(rc, err, "no such directory")
+    assert_refused(
+        *run_cli(capsys, "--from-original", tmp_path, tmp_path / "out", "--tag", "step-2"),
+        "--tag and --dtype apply to checkpoints, not to --from-original",
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_refused(*run_cli(capsys, "--from-original", tmp_path, out), "is not empty (pass --force")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_from_original_replaces_the_target_only_when_complete(tmp_path, capsys):
+    """A model in the original work's format (made as tests/test_original_format.py makes it) over an
+    existing directory with --force: the conversion lands whole, nothing is left beside it."""
+    from transformers import AutoModelForCausalLM
+
+    from ds_train.export import main
+    from tests.test_original_format import original_checkpoint
+
+    src, out = tmp_path / "original", tmp_path / "out"
+    original_checkpoint(src)
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    argv = ["--from-original", str(src), str(out), "--force", "--objective", "prefix_code_clm"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert not (out / "old.txt").exists()
+    mapping = json.loads((out / "modality_map.json").read_text())
+    assert (mapping["separation"], mapping["objective"]) == ("original", "prefix_code_clm")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.vocab_size == mapping["base_vocab_size"] + len(mapping["separated_ids"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["original", "out"]

