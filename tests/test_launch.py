@@ -17,6 +17,8 @@ import pytest
 from ds_train.distributed import free_port
 from tests.test_train import ROOT, losses, overrides, reference_losses
 
+pytestmark = pytest.mark.slow  # every test here starts processes (launchers, ranks, supervisors)
+
 SETTINGS = {"train__max_steps": 2, "checkpoint__every_steps": 2}
 
 

@@ -199,6 +199,7 @@ def _launch_two_ranks(run_dir: Path, port: int | None = None, **extra) -> subpro
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
 
 
+@pytest.mark.slow
 def test_world_size_two_matches_plain_pytorch(tmp_path):
     from ds_train.distributed import free_port
 
