@@ -5,9 +5,9 @@ The defaults are the embedded default job: a tiny GPT-Neo trained from scratch o
 from this machine's Python sources, Code CLM + partial separation, DeepSpeed ZeRO-2.
 
 `validate()` reports every problem at once; `batch_arithmetic()` is the one owner of
-global batch = micro batch x accumulation x data-parallel size. `add_help_arguments()` lists every
-field with its docstring and default for `ds-train --help`; `to_yaml()` is what `--print-config` prints
-and what RUN_DIR/config.yaml holds.
+global batch = micro batch x accumulation x data-parallel size. `to_yaml()` is what
+`ds-train --print-config` prints and what RUN_DIR/config.yaml holds; `ds_train.config_cli` makes the
+command line (`--help` from the field docstrings).
 
 The loader is our own rather than a library's: jsonargparse 4.53 and tyro 1.0 (the candidates that read
 field docstrings) both stop at the first bad value or unknown key, so a user with three typos would
@@ -17,12 +17,8 @@ which every recipe, launch script and README example uses.
 
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
-import inspect
 import json
-import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -425,51 +421,6 @@ def save_config(cfg: Config, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(to_yaml(cfg))
     tmp.replace(path)
-
-
-# ----------------------------------------------------------------------------- --help
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of a dataclass (Python keeps none of them at run time)."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    docs = {}
-    for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                and isinstance(after.value.value, str)):
-            docs[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
-    return docs
-
-
-def _shown_default(value: Any) -> str:
-    if isinstance(value, list):
-        return ",".join(map(str, value)) or "(empty)"
-    if isinstance(value, bool):
-        return str(value).lower()
-    return repr(value) if value == "" else str(value)
-
-
-def add_help_arguments(parser: argparse.ArgumentParser) -> None:
-    """One argument group per config section, one `--section.key=VALUE` entry per field with its
-    docstring and default. (Overrides are taken apart by `load_config`; these entries are for --help.)"""
-    defaults = Config()
-    for section in dataclasses.fields(Config):
-        obj = getattr(defaults, section.name)
-        hints = typing.get_type_hints(type(obj))
-        group = parser.add_argument_group(f"{section.name} section")
-        docs = field_docs(type(obj))
-        for f in dataclasses.fields(obj):
-            text = docs.get(f.name, "")
-            text = f"{text} (default: {_shown_default(getattr(obj, f.name))})".replace("%", "%%")
-            group.add_argument(f"--{section.name}.{f.name}", metavar=_metavar(hints[f.name]), help=text,
-                               default=argparse.SUPPRESS)
-
-
-def _metavar(hint: Any) -> str:
-    if typing.get_origin(hint) is list:
-        return "A,B,..."
-    return {bool: "true|false", int: "INT", float: "FLOAT", str: "TEXT"}.get(hint, "VALUE")
 
 
 # ----------------------------------------------------------------------------- DeepSpeed

@@ -11,7 +11,6 @@ export fp16 and print a summary.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -31,7 +30,6 @@ from ds_train import checkpoint, distributed, errors
 from ds_train.config import (
     Batch,
     Config,
-    add_help_arguments,
     batch_arithmetic,
     deepspeed_config,
     load_config,
@@ -41,6 +39,7 @@ from ds_train.config import (
     save_config,
     to_yaml,
 )
+from ds_train.config_cli import parse_args
 from ds_train.data.stream import RESHAPE_FROM, build_dataloader
 from ds_train.data.tokenizer import load_tokenizer, separated_ids
 from ds_train.distributed import DistInfo
@@ -70,34 +69,6 @@ class Outcome:
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
     tokens_per_s: float = 0.0  # useful (non-padding) tokens, averaged over this invocation's steps
     raw_tokens_per_s: float = 0.0  # every position of the packed rows, padding included
-
-
-def parse_args(argv: list[str] | None) -> tuple[list[str], list[str], bool]:
-    """Split the command line into YAML files, `--section.key=value` overrides (`--section.key value`
-    works too) and `--print-config`; `--local_rank` from the deepspeed launcher is accepted."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides, rest, i = [], [], 0
-    while i < len(argv):
-        item = argv[i]
-        key = item.split("=", 1)[0]
-        if item.startswith("--") and "." in key and key not in ("--local_rank", "--local-rank"):
-            if "=" not in item and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                item, i = f"{item}={argv[i + 1]}", i + 1
-            overrides.append(item)
-        else:
-            rest.append(item)
-        i += 1
-    parser = argparse.ArgumentParser(
-        prog="ds-train", description=__doc__.split("\n\n")[0], allow_abbrev=False,
-        usage="ds-train [RECIPE.yaml ...] [--section.key=VALUE ...] [--print-config]",
-        epilog="Precedence: defaults < YAML files (in order) < --section.key=value; every problem is reported at once.")
-    parser.add_argument("configs", nargs="*", help="YAML recipe / machine files, merged in order")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved configuration (YAML, batch sizes derived) and exit")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    add_help_arguments(parser)
-    args = parser.parse_args(rest)
-    return args.configs, overrides, args.print_config
 
 
 def main(argv: list[str] | None = None) -> int:

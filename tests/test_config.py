@@ -19,13 +19,13 @@ from ds_train.config import (
     TrainConfig,
     batch_arithmetic,
     deepspeed_config,
-    field_docs,
     load_config,
     resolve_precision,
 )
+from ds_train.config_cli import field_docs, parse_args
 from ds_train.data.tokenizer import DEFAULT_VOCAB_SIZE
 from ds_train.errors import UsageError
-from ds_train.train import main, parse_args
+from ds_train.train import main
 
 RECIPES = sorted((DS_CONFIG_DIR / "recipes").glob("*.yaml"))
 MACHINES = sorted((DS_CONFIG_DIR / "machines").glob("*.yaml"))

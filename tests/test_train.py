@@ -21,8 +21,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import GPTNeoConfig as HFConfig
+from transformers import GPTNeoForCausalLM
 
 from ds_train.config import load_config
+from ds_train.data.stream import build_dataloader
+from ds_train.data.tokenizer import load_tokenizer, separated_ids
+from ds_train.distributed import free_port
+from ds_train.model import GPTNeo, GPTNeoConfig
 from ds_train.train import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,10 +87,6 @@ def test_scheduled_lr_formula_by_hand():
 
 def reference_losses(run_dir: Path, world_size: int, steps: int, accum: int = 1, **extra) -> list[float]:
     """Plain PyTorch: the batches each rank reads, one model, grads averaged like data parallelism."""
-    from ds_train.data.stream import build_dataloader
-    from ds_train.data.tokenizer import load_tokenizer, separated_ids
-    from ds_train.model import GPTNeo, GPTNeoConfig
-
     cfg = load_config(None, overrides(run_dir, **extra))
     tok = load_tokenizer(cfg.data.tokenizer)
     torch.manual_seed(cfg.run.seed)
@@ -171,8 +174,6 @@ def test_overfit_one_batch(tmp_path, single_process):
 
 
 def test_tensorboard_scalars_read_back(tmp_path, single_process):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     run_in_process(tmp_path / "run", train__max_steps=4, objective__name="text_code_clm", train__log_every=2,
                    checkpoint__every_steps=4)
     acc = EventAccumulator(str(tmp_path / "run" / "tb"))
@@ -192,8 +193,6 @@ def _launch_two_ranks(run_dir: Path, port: int | None = None, **extra) -> subpro
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    from ds_train.distributed import free_port
-
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
            str(port or free_port()), "--module", "ds_train.train", *overrides(run_dir, **extra)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
@@ -201,8 +200,6 @@ def _launch_two_ranks(run_dir: Path, port: int | None = None, **extra) -> subpro
 
 @pytest.mark.slow
 def test_world_size_two_matches_plain_pytorch(tmp_path):
-    from ds_train.distributed import free_port
-
     settings = {"train__max_steps": 3, "checkpoint__every_steps": 3, "train__deepspeed": "zero2.json"}
     port = free_port()
     proc = _launch_two_ranks(tmp_path / "run", port=port, **settings)
@@ -221,12 +218,6 @@ def test_init_from_a_transformers_gpt_neo(tmp_path, single_process):
     """Start from a local `transformers` GPT-Neo directory: at step 1 the code table is a copy of E, so
     the engine's first loss must equal the plain `transformers` model's cross-entropy on the same
     documents (run one by one, positions from 0), summed over the targets and divided by their count."""
-    from transformers import GPTNeoConfig as HFConfig
-    from transformers import GPTNeoForCausalLM
-
-    from ds_train.data.stream import build_dataloader
-    from ds_train.data.tokenizer import load_tokenizer
-
     tok = load_tokenizer(ASSETS / "tokenizer")
     torch.manual_seed(0)
     hf = GPTNeoForCausalLM(HFConfig(vocab_size=len(tok), max_position_embeddings=256, hidden_size=32,
@@ -306,8 +297,6 @@ def test_refused_run_leaves_the_run_directory_byte_identical(tmp_path, single_pr
 def test_useful_tokens_per_s_excludes_padding(tmp_path, single_process, caplog):
     """perf/tokens_per_s / perf/raw_tokens_per_s must be the share of positions that belong to a document
     in the batches the run trained on (both rates share their interval's time)."""
-    from ds_train.data.stream import build_dataloader
-
     with caplog.at_level(logging.INFO, logger="ds_train"):
         run_in_process(tmp_path / "run", train__max_steps=4, train__log_every=2, checkpoint__every_steps=4)
     cfg = load_config(None, overrides(tmp_path / "run"))
@@ -349,12 +338,6 @@ NAN_FROM = 61  # position rows of the NaN model from here on; with seq_len 64 th
 def test_nonfinite_loss_read_one_step_late_stops_before_any_save(tmp_path, single_process, capsys):
     """train.log_every > 1: the loss of step k is read back at the end of step k + 1. A NaN met so must stop
     the run there, naming step k, with no checkpoint at or after it (the last one precedes it)."""
-    from transformers import GPTNeoConfig as HFConfig
-    from transformers import GPTNeoForCausalLM
-
-    from ds_train.data.stream import build_dataloader
-    from ds_train.data.tokenizer import load_tokenizer
-
     tok = load_tokenizer(ASSETS / "tokenizer")
     loader = build_dataloader([str(ASSETS / "tiny_pairs.jsonl")], ASSETS / "tokenizer", objective="code_clm",
                               seq_len=64, micro_batch_size=2, seed=1234)
