@@ -136,6 +136,7 @@ class Trainer:
         self.trained_ids: list[dict[str, Any]] = []  # this step's micro batches (data.trace_ids)
         self.skipped_ids: list[str] = []
         self.resumed_from: checkpoint.Found | None = None  # the checkpoint this run resumed, if any
+        self.pairs: int | None = None  # pairs in the corpus, where cheap to count (rank 0)
 
     # ------------------------------------------------------------------ setup
     def run(self) -> Outcome | None:
@@ -149,13 +150,14 @@ class Trainer:
             tmp = self.run_dir / "ds_config.json.tmp"
             tmp.write_text(json.dumps(self.ds_config, indent=2))
             tmp.replace(self.run_dir / "ds_config.json")
-            for line in startup_lines(self.cfg, self.batch, self.n_params, self.meta, start_step,
-                                      corpus_pairs(prepared.sources)):
-                log.info("%s", line)
         self.first_step = start_step
         if start_step >= self.cfg.train.max_steps:
             log.info("run already at step %d of %d; nothing to train", start_step, self.cfg.train.max_steps)
             return Outcome(start_step, tokens, {}, self._latest_path(), False)
+        if self.dist.is_main:
+            self.pairs = corpus_pairs(prepared.sources)
+            for line in startup_lines(self.cfg, self.batch, self.n_params, self.meta, start_step, self.pairs):
+                log.info("%s", line)
         self.loader = self._dataloader(data_state)
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         self._install_signal_handlers()
@@ -385,7 +387,7 @@ class Trainer:
 
     def _log_expected_epochs(self, batch: dict) -> None:
         """From the first micro batch: pairs per packed row, and so about how many epochs the run covers."""
-        pairs = corpus_pairs(self.prepared.sources)
+        pairs = self.pairs
         if not self.dist.is_main or not pairs or "doc_ids" not in batch:
             return
         docs = batch["doc_ids"]
