@@ -43,7 +43,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "ds-train=ds_train.train:main",
+            "ds-train=ds_train.cli:main",
             "ds-data=ds_train.data.cli:main",
             "ds-export=ds_train.export:main",
             "ds-eval=eval.cli:main",

@@ -8,12 +8,14 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import os
 import sys
 import textwrap
 import typing
 from typing import Any
 
-from ds_train.config import Config
+from ds_train import errors
+from ds_train.config import Config, batch_arithmetic, load_config, resolved, to_yaml
 
 DESCRIPTION = "DeepSpeed ZeRO training of a GPT-Neo with modality-relative pre-training (MRPT)."
 
@@ -44,6 +46,21 @@ def parse_args(argv: list[str] | None) -> tuple[list[str], list[str], bool]:
     add_help_arguments(parser)
     args = parser.parse_args(rest)
     return args.configs, overrides, args.print_config
+
+
+def print_config(files: list[str], overrides: list[str]) -> int:
+    """`--print-config`: the resolved config as YAML on stdout (batch sizes derived for the world size a
+    launcher gives, 1 for a plain process); a bad config is refused in lines, as a run would be."""
+    try:
+        cfg = load_config(files, overrides)
+        world = os.environ.get("WORLD_SIZE", "1")
+        if not world.isdigit():
+            raise errors.UsageError(f"WORLD_SIZE={world!r} is not a number of ranks")
+        text = to_yaml(resolved(cfg, batch_arithmetic(cfg.train, int(world))))
+    except errors.UsageError as err:
+        return errors.refuse("ds-train", err)
+    print(text, end="", flush=True)
+    return 0
 
 
 def field_docs(cls: type) -> dict[str, str]:

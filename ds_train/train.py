@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import signal
 import sys
 from collections import deque
@@ -37,9 +36,8 @@ from ds_train.config import (
     resolve_precision,
     resolved,
     save_config,
-    to_yaml,
 )
-from ds_train.config_cli import parse_args
+from ds_train.config_cli import parse_args, print_config
 from ds_train.data.stream import RESHAPE_FROM, build_dataloader
 from ds_train.data.tokenizer import load_tokenizer, separated_ids
 from ds_train.distributed import DistInfo
@@ -74,14 +72,10 @@ class Outcome:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     files, overrides, print_only = parse_args(argv)
+    if print_only:
+        return print_config(files, overrides)
     try:
         cfg = load_config(files, overrides)
-        if print_only:  # the world size a launcher would give (1 for a plain process)
-            world = os.environ.get("WORLD_SIZE", "1")
-            if not world.isdigit():
-                raise errors.UsageError(f"WORLD_SIZE={world!r} is not a number of ranks")
-            print(to_yaml(resolved(cfg, batch_arithmetic(cfg.train, int(world)))), end="", flush=True)
-            return 0
         dist = distributed.init()
         cfg.validate(world_size=dist.world_size, has_gpu=dist.device.type == "cuda")
         outcome = Trainer(cfg, dist).run()

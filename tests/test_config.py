@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import os
 import re
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
@@ -244,6 +247,18 @@ def test_print_config_round_trips_through_yaml(tmp_path, capsys, monkeypatch):
     assert again == want
     assert again.optim.lr == 2e-4 and again.train.deepspeed == ["zero3.json", "bf16.json"]
     assert again.export.enabled is False
+
+
+def test_ds_train_print_config_writes_only_yaml_to_stdout(tmp_path):
+    """The console script, as a user runs it (no DS_ACCELERATOR): stdout is the YAML alone, also on a
+    machine without a GPU, where importing DeepSpeed would log a line to stdout."""
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    proc = subprocess.run([sys.executable, "-c", "import sys; from ds_train.cli import main; sys.exit(main())",
+                           "--print-config", "--train.max_steps=7"], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert yaml.safe_load(proc.stdout) == {**Config().to_dict(), "train": {
+        **Config().to_dict()["train"], "max_steps": 7, "grad_accum": 1, "global_batch_size": 8}}
 
 
 def test_print_config_refuses_a_bad_config_in_lines(capsys):
