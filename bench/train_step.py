@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ds_train.loss import modality_loss, target_positions
 from ds_train.model import GPTNeo, GPTNeoConfig
 
 PEAK = 989e12
@@ -122,15 +123,24 @@ ABLATION = (
 )
 
 
+class EagerRowsGPTNeo(GPTNeo):
+    """The model with the loss's eager row operations on CUDA (`modality_loss(fused_rows=False)`): the
+    ablation's steps before the fused row kernels."""
+
+    def forward(self, input_ids, position_ids=None, doc_ids=None, modality=None, target=None, prefix=None,
+                target_positions=None):
+        hidden = self.hidden_states(input_ids, position_ids, doc_ids, modality, prefix)
+        return modality_loss(hidden, self.wte.weight, input_ids, target, modality, self.separated,
+                             vocab_size=self.config.vocab_size, chunk_size=self.config.loss_chunk_size,
+                             doc_ids=doc_ids, positions=target_positions, fused_rows=False)
+
+
 def build_engine(cfg: GPTNeoConfig, zero: int, micro: int, compile_blocks: bool, seed: int,
                  variant: Variant = Variant()):
-    import deepspeed
+    import deepspeed  # slow to import; `layouts` runs without it
 
-    import ds_train.loss
-
-    ds_train.loss.FUSED_ON_CUDA = variant.fused_rows
     torch.manual_seed(seed)
-    model = GPTNeo(cfg)
+    model = GPTNeo(cfg) if variant.fused_rows else EagerRowsGPTNeo(cfg)
     if compile_blocks:
         model.compile_blocks(whole=variant.whole_stack)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=torch.cuda.is_available())
@@ -150,8 +160,6 @@ def build_engine(cfg: GPTNeoConfig, zero: int, micro: int, compile_blocks: bool,
 
 def device_batches(layouts, batch: int, seq: int, vocab: int, seeds, dev, cpu_positions: bool) -> list[dict]:
     """Packed rows on the GPU; with `cpu_positions`, plus the target positions worked out on the CPU."""
-    from ds_train.loss import target_positions
-
     out = []
     for seed in seeds:
         rows = packed_rows(layouts, batch, seq, vocab, seed)

@@ -5,7 +5,14 @@ The defaults are the embedded default job: a tiny GPT-Neo trained from scratch o
 from this machine's Python sources, Code CLM + partial separation, DeepSpeed ZeRO-2.
 
 `validate()` reports every problem at once; `batch_arithmetic()` is the one owner of
-global batch = micro batch x accumulation x data-parallel size.
+global batch = micro batch x accumulation x data-parallel size. `to_yaml()` is what
+`ds-train --print-config` prints and what RUN_DIR/config.yaml holds; `ds_train.config_cli` makes the
+command line (`--help` from the field docstrings).
+
+The loader is our own rather than a library's: jsonargparse 4.53 and tyro 1.0 (the candidates that read
+field docstrings) both stop at the first bad value or unknown key, so a user with three typos would
+fix them in three runs; they also take neither `a,b` for a list nor YAML files as positional arguments,
+which every recipe, launch script and README example uses.
 """
 
 from __future__ import annotations
@@ -20,6 +27,10 @@ from typing import Any
 
 import yaml
 
+from ds_train.data.tokenizer import DEFAULT_VOCAB_SIZE
+from ds_train.errors import UsageError
+from ds_train.model import FLAVORS, LOCAL_ATTENTION
+
 OBJECTIVES = ("text_code_clm", "code_clm", "corrupt_code_clm", "prefix_code_clm")
 SEPARATIONS = ("none", "partial", "full")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -27,7 +38,7 @@ EXPORT_DTYPES = ("fp16", "bf16", "fp32")
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A configuration problem, worded for the user; several problems are joined by newlines."""
 
 
@@ -50,7 +61,7 @@ class DataConfig:
     """At most this many mined pairs (0 = no limit)."""
     tokenizer: str = ""
     """An existing tokenizer directory; empty = train a sentencepiece tokenizer into the run directory."""
-    vocab_size: int = 4000
+    vocab_size: int = DEFAULT_VOCAB_SIZE
     """Vocabulary size when a tokenizer is trained."""
     seq_len: int = 512
     """Packed sequence length."""
@@ -217,18 +228,18 @@ def batch_arithmetic(train: TrainConfig, world_size: int) -> Batch:
 
 
 def _value_problems(cfg: Config, has_gpu: bool) -> list[str]:
-    from ds_train.model import FLAVORS, LOCAL_ATTENTION  # the model owns the flavor names
-
     p: list[str] = []
 
     def need(ok: bool, msg: str) -> None:
         if not ok:
             p.append(msg)
 
-    need(cfg.objective.name in OBJECTIVES, f"objective.name={cfg.objective.name!r}: expected one of {', '.join(OBJECTIVES)}")
+    need(cfg.objective.name in OBJECTIVES,
+         f"objective.name={cfg.objective.name!r}: expected one of {', '.join(OBJECTIVES)}")
     need(cfg.objective.separation in SEPARATIONS,
          f"objective.separation={cfg.objective.separation!r}: expected one of {', '.join(SEPARATIONS)}")
-    need(0.0 <= cfg.objective.corrupt_prob <= 1.0, f"objective.corrupt_prob={cfg.objective.corrupt_prob}: expected 0..1")
+    need(0.0 <= cfg.objective.corrupt_prob <= 1.0,
+         f"objective.corrupt_prob={cfg.objective.corrupt_prob}: expected 0..1")
     need(cfg.model.flavor in FLAVORS, f"model.flavor={cfg.model.flavor!r}: expected one of {', '.join(FLAVORS)}")
     if cfg.model.flavor in FLAVORS:
         n_pos = FLAVORS[cfg.model.flavor].get("n_positions", 0)
@@ -252,7 +263,8 @@ def _value_problems(cfg: Config, has_gpu: bool) -> list[str]:
     need(cfg.train.max_steps > 0, f"train.max_steps={cfg.train.max_steps}: must be positive")
     need(cfg.train.log_every > 0, "train.log_every must be positive")
     need(cfg.train.stop_at_step >= 0, "train.stop_at_step must not be negative")
-    need(cfg.train.precision in PRECISIONS, f"train.precision={cfg.train.precision!r}: expected one of {', '.join(PRECISIONS)}")
+    need(cfg.train.precision in PRECISIONS,
+         f"train.precision={cfg.train.precision!r}: expected one of {', '.join(PRECISIONS)}")
     need(cfg.train.nonfinite in ("stop", "skip"), f"train.nonfinite={cfg.train.nonfinite!r}: expected stop or skip")
     need(cfg.train.nonfinite_limit >= 1, f"train.nonfinite_limit={cfg.train.nonfinite_limit}: must be at least 1")
     need(bool(cfg.train.deepspeed), "train.deepspeed: name at least one DeepSpeed JSON file")
@@ -273,7 +285,8 @@ def _value_problems(cfg: Config, has_gpu: bool) -> list[str]:
              "fp16 needs a GPU (DeepSpeed refuses fp16 on the CPU): use train.precision=bf16 or fp32")
     need(cfg.checkpoint.every_steps > 0, f"checkpoint.every_steps={cfg.checkpoint.every_steps}: must be positive")
     need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be at least 1")
-    need(cfg.export.dtype in EXPORT_DTYPES, f"export.dtype={cfg.export.dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
+    need(cfg.export.dtype in EXPORT_DTYPES,
+         f"export.dtype={cfg.export.dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
     need(bool(cfg.run.dir), "run.dir must not be empty")
     return p
 
@@ -381,7 +394,8 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
                 return True, float(value)
             except ValueError:
                 return False, None
-        return isinstance(value, (int, float)) and not isinstance(value, bool), float(value) if isinstance(value, (int, float)) else None
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return number, float(value) if number else None
     if hint is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return True, str(value)
@@ -397,8 +411,21 @@ def _type_name(hint: Any) -> str:
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
+def resolved(cfg: Config, batch: Batch) -> Config:
+    """The config with the derived batch sizes written in (what config.yaml and --print-config show)."""
+    train = dataclasses.replace(cfg.train, grad_accum=batch.accum, global_batch_size=batch.global_)
+    return dataclasses.replace(cfg, train=train)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write the YAML beside the target and rename it into place (a failed write leaves the old file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------- DeepSpeed

@@ -16,7 +16,12 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
+import deepspeed
+import deepspeed.ops
 import torch
+from deepspeed.accelerator import get_accelerator
+
+from ds_train.errors import UsageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +31,7 @@ _PEER_SILENT = ("Timed out waiting", "timed out after", "Timeout waiting")
 _MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UsageError):
     """The process group could not be formed; the message says what to check."""
 
 
@@ -73,8 +78,6 @@ def _launch_env() -> str:
 
 def init(timeout_s: float | None = None) -> DistInfo:
     """Form the process group (gloo on the CPU, nccl on GPUs) and pick this rank's device."""
-    import deepspeed
-
     form = _launch_env()
     if torch.distributed.is_initialized():  # a second run in the same process (tests, notebooks)
         return _info()
@@ -124,9 +127,6 @@ def _no_shm_allreduce() -> None:
     every launcher start it JIT-compiles a C++ extension and maps a 66 MB buffer per rank under /dev/shm
     that it never unlinks: killed or not, each launch leaked memory until the machine ran out.
     """
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
-
     if get_accelerator().device_name() == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
@@ -210,11 +210,6 @@ def is_lost_peer(err: BaseException) -> bool:
     """A collective failed because another rank died or was killed (gloo says so in a plain RuntimeError)."""
     return isinstance(err, torch.distributed.DistError) or (
         isinstance(err, RuntimeError) and any(s in str(err) for s in _PEER_GONE + _PEER_SILENT))
-
-
-def first_line(err: BaseException) -> str:
-    """The first non-empty line of an exception's message (its type name when there is none)."""
-    return next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
 
 
 def lost_peer_message(err: BaseException) -> str:

@@ -91,16 +91,13 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=True)
 
 
-def _row_ops(logits: Tensor):
-    """(logsumexp, softmax_grad) for these logits: fused compiled kernels on CUDA, in-place eager ops
-    elsewhere (the CPU path keeps at most two (n, V) buffers alive; the fused one reads them once)."""
-    if logits.is_cuda and FUSED_ON_CUDA:
+def _row_ops(logits: Tensor, fused: bool):
+    """(logsumexp, softmax_grad) for these logits: fused compiled kernels on CUDA (unless `fused` is
+    False), in-place eager ops elsewhere (the CPU path keeps at most two (n, V) buffers alive; the
+    fused one reads them once)."""
+    if logits.is_cuda and fused:
         return _compiled(_fused_logsumexp), _compiled(_fused_softmax_grad)
     return _logsumexp_, _softmax_grad_
-
-
-FUSED_ON_CUDA = True
-"""Switch for the fused row kernels on CUDA (bench/train_step.py times both)."""
 
 
 class ChunkedTiedCrossEntropy(torch.autograd.Function):
@@ -108,8 +105,9 @@ class ChunkedTiedCrossEntropy(torch.autograd.Function):
 
     Inputs: h (N, d) gathered hidden states; weight (V + |S|, d) the tied table [E; C]; labels (N,)
     token ids in [0, V); is_code (N,) bool, the modality of each label token; separated_ids (|S|,) int64
-    sorted; vocab_size V; chunk_size rows per chunk. Output: (N,) losses in fp32 (float64 when the
-    weight is float64). Only h and weight receive gradients; the weight's is accumulated in fp32+.
+    sorted; vocab_size V; chunk_size rows per chunk; fused_rows: the compiled row kernels on CUDA.
+    Output: (N,) losses in fp32 (float64 when the weight is float64). Only h and weight receive
+    gradients; the weight's is accumulated in fp32+.
     """
 
     @staticmethod
@@ -122,6 +120,7 @@ class ChunkedTiedCrossEntropy(torch.autograd.Function):
         separated_ids: Tensor,
         vocab_size: int,
         chunk_size: int,
+        fused_rows: bool = True,
     ) -> Tensor:
         operands = operand_dtype(weight)
         table = weight.to(operands)
@@ -131,12 +130,12 @@ class ChunkedTiedCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + chunk_size)
             logits = view_logits(h[rows].to(operands), table, vocab_size, is_code[rows], separated_ids)
             label_logit = logits.gather(1, labels[rows, None]).squeeze(1)  # (n,)
-            logsumexp, _ = _row_ops(logits)
+            logsumexp, _ = _row_ops(logits, fused_rows)
             lse[rows] = logsumexp(logits)
             losses[rows] = lse[rows] - label_logit
             del logits  # free this chunk's (n, V) buffer before the next one is allocated
         ctx.save_for_backward(h, weight, labels, is_code, separated_ids, lse)
-        ctx.vocab_size, ctx.chunk_size = vocab_size, chunk_size
+        ctx.vocab_size, ctx.chunk_size, ctx.fused_rows = vocab_size, chunk_size, fused_rows
         return losses
 
     @staticmethod
@@ -155,7 +154,7 @@ class ChunkedTiedCrossEntropy(torch.autograd.Function):
             h_c, code_c, g_c = h[rows].to(operands), is_code[rows], grad_losses[rows]
             # d loss_i / d logit_ij = g_i (softmax_ij - [j == label_i]), in the operands' dtype.
             logits = view_logits(h_c, table, V, code_c, separated_ids)  # (n, V)
-            _, softmax_grad = _row_ops(logits)
+            _, softmax_grad = _row_ops(logits, ctx.fused_rows)
             grad_logits = softmax_grad(logits, lse[rows], g_c, labels[rows], operands)  # (n, V)
             del logits
             grad_h_c = torch.zeros(h_c.shape, dtype=lse.dtype, device=h.device)  # (n, d)
@@ -170,7 +169,7 @@ class ChunkedTiedCrossEntropy(torch.autograd.Function):
             grad_text.add_(_mm(grad_logits.T, h_c))  # (V, d)
             grad_h[rows] = grad_h_c.to(h.dtype)
             del grad_logits  # free this chunk's (n, V) buffer before the next one is allocated
-        return grad_h, grad_table.to(weight.dtype), None, None, None, None, None
+        return grad_h, grad_table.to(weight.dtype), None, None, None, None, None, None
 
 
 def target_positions(target: Tensor, doc_ids: Tensor | None = None) -> Tensor:
@@ -200,6 +199,7 @@ def modality_loss(
     chunk_size: int,
     doc_ids: Tensor | None = None,
     positions: Tensor | None = None,
+    fused_rows: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Mean cross-entropy over target tokens with the tied, modality-relative head.
 
@@ -209,6 +209,7 @@ def modality_loss(
     to another document (when doc_ids is given), has no context and is not counted (the data layer
     never produces one: the first token of a document is never a target). `positions`, when given,
     are `target_positions(target, doc_ids)` computed beforehand (on the CPU: no host sync here).
+    `fused_rows=False` keeps the eager row operations on CUDA too (benchmarks compare the two).
 
     Returns (loss, stats): loss = sum of -log p over targets / number of targets, in fp32 (float64 for
     float64 inputs); stats = detached float32 [code_loss_sum, code_targets, text_loss_sum, text_targets]
@@ -223,7 +224,7 @@ def modality_loss(
     labels = input_ids.reshape(B * T).index_select(0, positions + 1)  # (N,)
     is_code = modality.reshape(B * T).index_select(0, positions + 1).bool()  # (N,)
     losses = ChunkedTiedCrossEntropy.apply(
-        h, weight, labels, is_code, separated_ids, vocab_size, chunk_size
+        h, weight, labels, is_code, separated_ids, vocab_size, chunk_size, fused_rows
     )  # (N,)
     n_targets = labels.numel()
     loss = losses.sum() / max(n_targets, 1)

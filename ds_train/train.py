@@ -11,11 +11,9 @@ export fp16 and print a summary.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
-import math
 import signal
 import sys
 from collections import deque
@@ -24,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import torch
 
-from ds_train import checkpoint, distributed
+from ds_train import checkpoint, distributed, errors
 from ds_train.config import (
     Batch,
     Config,
@@ -35,10 +34,19 @@ from ds_train.config import (
     load_config,
     offloads_optimizer,
     resolve_precision,
+    resolved,
     save_config,
 )
-from ds_train.distributed import DistInfo, LaunchError
-from ds_train.metrics import Metrics, plot_loss_curve
+from ds_train.config_cli import parse_args, print_config
+from ds_train.data.stream import RESHAPE_FROM, build_dataloader
+from ds_train.data.tokenizer import load_tokenizer, separated_ids
+from ds_train.distributed import DistInfo
+from ds_train.export import export_checkpoint
+from ds_train.hf import load_model
+from ds_train.loss import target_positions
+from ds_train.metrics import Metrics, corpus_pairs, plot_loss_curve, startup_lines, summary_lines
+from ds_train.model import GPTNeo, GPTNeoConfig, check_batch_ranges
+from ds_train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 from ds_train.prepare import Prepared, prepare, tokenizer_sha
 
 log = logging.getLogger("ds_train")
@@ -46,7 +54,7 @@ log = logging.getLogger("ds_train")
 TENSOR_KEYS = ("input_ids", "position_ids", "doc_ids", "modality", "target", "prefix")
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(errors.UsageError):
     """The run stopped on purpose (non-finite loss); the message says where."""
 
 
@@ -58,57 +66,30 @@ class Outcome:
     checkpoint: Path | None
     stopped_by_signal: bool
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
-
-
-def parse_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
-    """Split the command line into YAML files and `--section.key=value` overrides
-    (`--section.key value` works too); `--local_rank` from the deepspeed launcher is accepted."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides, rest, i = [], [], 0
-    while i < len(argv):
-        item = argv[i]
-        key = item.split("=", 1)[0]
-        if item.startswith("--") and "." in key and key not in ("--local_rank", "--local-rank"):
-            if "=" not in item and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                item, i = f"{item}={argv[i + 1]}", i + 1
-            overrides.append(item)
-        else:
-            rest.append(item)
-        i += 1
-    parser = argparse.ArgumentParser(prog="ds-train", description=__doc__.split("\n\n")[0],
-                                     epilog="Overrides: --section.key=value, e.g. --train.max_steps=100")
-    parser.add_argument("configs", nargs="*", help="YAML recipe / machine files, merged in order")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(rest)
-    return args.configs, overrides
+    tokens_per_s: float = 0.0  # useful (non-padding) tokens, averaged over this invocation's steps
+    raw_tokens_per_s: float = 0.0  # every position of the packed rows, padding included
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    files, overrides = parse_args(argv)
+    files, overrides, print_only = parse_args(argv)
+    if print_only:
+        return print_config(files, overrides)
     try:
         cfg = load_config(files, overrides)
         dist = distributed.init()
         cfg.validate(world_size=dist.world_size, has_gpu=dist.device.type == "cuda")
         outcome = Trainer(cfg, dist).run()
-    except (ValueError, OSError, LaunchError, checkpoint.CheckpointError, TrainingStopped) as err:
-        # Bad configs, data, tokenizers and files (ConfigError is a ValueError): plain lines, no traceback.
-        return _refuse(str(err).splitlines() or [type(err).__name__], err)
+        if dist.is_main and outcome is not None:
+            finish(cfg, outcome)
+    except (ValueError, OSError, checkpoint.CheckpointError) as err:
+        # UsageError (a ValueError), bad data, tokenizers and files: plain lines, no traceback.
+        return errors.refuse("ds-train", err)
     except RuntimeError as err:
         if not distributed.is_lost_peer(err):
             raise
-        return _refuse([distributed.lost_peer_message(err)], err)
-    if dist.is_main and outcome is not None:
-        finish(cfg, outcome)
+        return errors.refuse("ds-train", distributed.lost_peer_message(err))
     return 0
-
-
-def _refuse(lines: list[str], err: BaseException) -> int:
-    """Print the reason, one `ds-train:` line each (the traceback only at debug level); exit code 2."""
-    log.debug("stopping", exc_info=err)
-    for line in lines:
-        print(f"ds-train: {line}", file=sys.stderr, flush=True)
-    return 2
 
 
 def _shown(ids: list[str]) -> str:
@@ -150,6 +131,7 @@ class Trainer:
         self.trained_ids: list[dict[str, Any]] = []  # this step's micro batches (data.trace_ids)
         self.skipped_ids: list[str] = []
         self.resumed_from: checkpoint.Found | None = None  # the checkpoint this run resumed, if any
+        self.pairs: int | None = None  # pairs in the corpus, where cheap to count (rank 0)
 
     # ------------------------------------------------------------------ setup
     def run(self) -> Outcome | None:
@@ -158,9 +140,19 @@ class Trainer:
         prepared = self._prepare()
         self._build(prepared)
         start_step, tokens, data_state = self._resume()
+        if self.dist.is_main:  # accepted: only now does the run directory change
+            save_config(resolved(self.cfg, self.batch), self.run_dir / "config.yaml")
+            tmp = self.run_dir / "ds_config.json.tmp"
+            tmp.write_text(json.dumps(self.ds_config, indent=2))
+            tmp.replace(self.run_dir / "ds_config.json")
+        self.first_step = start_step
         if start_step >= self.cfg.train.max_steps:
             log.info("run already at step %d of %d; nothing to train", start_step, self.cfg.train.max_steps)
             return Outcome(start_step, tokens, {}, self._latest_path(), False)
+        if self.dist.is_main:
+            self.pairs = corpus_pairs(prepared.sources)
+            for line in startup_lines(self.cfg, self.batch, self.n_params, self.meta, start_step, self.pairs):
+                log.info("%s", line)
         self.loader = self._dataloader(data_state)
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         self._install_signal_handlers()
@@ -173,20 +165,11 @@ class Trainer:
 
     def _prepare(self) -> Prepared:
         try:
-            prepared = prepare(self.cfg, self.run_dir, self.dist.is_main)
+            return prepare(self.cfg, self.run_dir, self.dist.is_main)
         finally:
             distributed.barrier()
-        if self.dist.is_main:
-            save_config(self.cfg, self.run_dir / "config.yaml")
-        return prepared
 
     def _build(self, prepared: Prepared) -> None:
-        import deepspeed
-
-        from ds_train.data.tokenizer import load_tokenizer, separated_ids
-        from ds_train.hf import load_model
-        from ds_train.model import GPTNeo, GPTNeoConfig
-
         self.prepared = prepared
         tok = load_tokenizer(prepared.tokenizer_dir)
         sep = separated_ids(tok, self.cfg.objective.separation)
@@ -194,28 +177,25 @@ class Trainer:
         mcfg = GPTNeoConfig.from_flavor(
             self.cfg.model.flavor, vocab_size=len(tok), separated_ids=tuple(sep), pad_token_id=tok.pad_token_id,
             activation_checkpointing=self.cfg.model.activation_checkpointing,
-            loss_chunk_size=self.cfg.model.loss_chunk_size,
+            loss_chunk_size=self.cfg.model.loss_chunk_size, local_attention=self.cfg.model.local_attention,
         )
         if self.cfg.model.init_from:  # shape from its config.json; vocabulary and S from our tokenizer
             model = load_model(
                 self.cfg.model.init_from, vocab_size=len(tok), separated_ids=tuple(sep),
                 pad_token_id=tok.pad_token_id, activation_checkpointing=self.cfg.model.activation_checkpointing,
-                loss_chunk_size=self.cfg.model.loss_chunk_size)
+                loss_chunk_size=self.cfg.model.loss_chunk_size, local_attention=self.cfg.model.local_attention)
             mcfg = model.config
         else:
             model = GPTNeo(mcfg)
         self.model_config = mcfg
+        self.n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
         self.flops_per_token = model.flops_per_token(self.cfg.data.seq_len)
         has_gpu = self.dist.device.type == "cuda"
         bf16_ok = has_gpu and torch.cuda.is_bf16_supported()
         self.precision = resolve_precision(self.cfg.train, has_gpu, bf16_ok)
-        ds_cfg = deepspeed_config(self.cfg, self.batch, self.precision)
-        if self.dist.is_main:
-            (self.run_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2))
+        ds_cfg = self.ds_config = deepspeed_config(self.cfg, self.batch, self.precision)
         if self.cfg.model.compile and has_gpu:
             model.compile_blocks()
-        from ds_train.optim import build_optimizer, build_scheduler, param_groups
-
         opt_cfg = self.cfg.optim
         if offloads_optimizer(ds_cfg):  # DeepSpeed's CPU Adam runs the offloaded update
             ds_cfg["optimizer"] = {"type": "AdamW", "params": {
@@ -232,6 +212,8 @@ class Trainer:
             "model": mcfg.to_dict(), "separation": self.cfg.objective.separation,
             "objective": self.cfg.objective.name, "tokenizer_sha": tokenizer_sha(prepared.tokenizer_dir),
             "zero_stage": self.engine.zero_optimization_stage(), "precision": self.precision,
+            "schedule": {"max_steps": self.cfg.train.max_steps, "lr": opt_cfg.lr, "min_lr": opt_cfg.min_lr,
+                         "warmup_ratio": opt_cfg.warmup_ratio},
         }
 
     def _resume(self) -> tuple[int, int, Any]:
@@ -246,11 +228,24 @@ class Trainer:
         data_state, meta = checkpoint.load(self.engine, found, self.dist.rank, seed=self.cfg.run.seed)
         self.resumed_from = found
         log.info("resumed from %s (step %d)", found.path, found.step)
+        self._warn_schedule_change(found)
         return found.step, int(meta.get("tokens_seen", 0)), data_state
 
-    def _dataloader(self, state: Any):
-        from ds_train.data.stream import RESHAPE_FROM, build_dataloader
+    def _warn_schedule_change(self, found: checkpoint.Found) -> None:
+        """A resume under another schedule (a larger train.max_steps stretches the cosine) makes the
+        learning rate jump: say so, with the rate the next step had and the one it gets now."""
+        old, new = found.meta.get("schedule"), self.meta["schedule"]
+        if not old or old == new or not self.dist.is_main:
+            return
 
+        def lr_at(s: dict) -> float:
+            return s["lr"] * lr_factor(found.step, s["max_steps"], s["warmup_ratio"], s["min_lr"] / s["lr"])
+
+        changed = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in new.items() if old.get(k) != v)
+        log.warning("the learning-rate schedule differs from the checkpoint's (%s): the learning rate of step "
+                    "%d moves from %.2e to %.2e", changed, found.step + 1, lr_at(old), lr_at(new))
+
+    def _dataloader(self, state: Any):
         loader = build_dataloader(
             self.prepared.sources, self.prepared.tokenizer_dir, objective=self.cfg.objective.name,
             seq_len=self.cfg.data.seq_len, micro_batch_size=self.batch.micro, rank=self.dist.rank,
@@ -282,12 +277,14 @@ class Trainer:
         cfg, dev = self.cfg, self.dist.device
         metrics = Metrics(self.run_dir, self.dist.is_main, cfg.train.max_steps, step, self.flops_per_token, dev)
         interval_stats = torch.zeros(4, device=dev)
+        self.useful_tokens = 0  # this rank's non-padding tokens since the last report (host-side count)
         row: dict[str, float] = {}
         saved: Path | None = None
         steps_in_interval = 0
         batches = iter(self.loader)
         end = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
         trace = self._open_trace() if cfg.data.trace_ids else None
+        stopped = False
         try:
             while step < end:
                 interval_stats += self.train_step(batches, step)
@@ -306,23 +303,25 @@ class Trainer:
                 # Losses are checked one step late (no host sync), and all of them before a log or save.
                 self._check_finite(keep=0 if (log_now or save_now or stop) else self.batch.accum)
                 if log_now:
-                    row = metrics.report(step, distributed.all_reduce_sum(interval_stats.clone()),
+                    useful = torch.tensor([float(self.useful_tokens)], device=dev)
+                    row = metrics.report(step, distributed.all_reduce_sum(torch.cat([interval_stats, useful])),
                                          self._scalars(), steps_in_interval)
                     interval_stats.zero_()
-                    steps_in_interval = 0
+                    self.useful_tokens = steps_in_interval = 0
                 if stop or save_now:
                     saved = self.save(step, tokens)
                 if stop:
                     log.warning("rank %d stopped at step %d after a signal; checkpoint %s saved; exiting",
                                 self.dist.rank, step, saved)
-                    return Outcome(step, tokens, row, saved, True, self.loader.skip_counts())
+                    stopped = True
+                    break
         finally:
             batches.close()
             metrics.close()
             if trace is not None:
                 trace.close()
             self._report_skips()
-        return Outcome(step, tokens, row, saved, False, self.loader.skip_counts())
+        return Outcome(step, tokens, row, saved, stopped, self.loader.skip_counts(), *metrics.run_average())
 
     def _open_trace(self):
         """RUN_DIR/trace/rank{r}.jsonl, appended to: a resumed run re-writes the steps after its checkpoint."""
@@ -358,6 +357,8 @@ class Trainer:
         while done < self.batch.accum:
             batch = next(batches)
             ids = [i for row in batch.get("ids", []) for i in row]
+            if step == self.first_step and done == 0:
+                self._log_expected_epochs(batch)
             loss, stats = self.engine(**self._inputs(batch))
             # fp16: the loss scaler skips overflowing steps itself (counted in engine.skipped_steps).
             if self.precision != "fp16" and self.cfg.train.nonfinite == "skip":
@@ -371,16 +372,27 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             stats_sum += stats.to(dev)
+            # useful tokens, counted on the host copy of the batch (no device sync)
+            self.useful_tokens += int((batch["doc_ids"] >= 0).sum()) if "doc_ids" in batch else \
+                int((batch["input_ids"] != self.model_config.pad_token_id).sum())
             done += 1
             self.nonfinite_in_a_row = 0
             self.trained_ids.append({"consumer": self.loader.consumer, "ids": ids})
         return stats_sum
 
+    def _log_expected_epochs(self, batch: dict) -> None:
+        """From the first micro batch: pairs per packed row, and so about how many epochs the run covers."""
+        pairs = self.pairs
+        if not self.dist.is_main or not pairs or "doc_ids" not in batch:
+            return
+        docs = batch["doc_ids"]
+        per_row = sum(len(set(r[r >= 0].tolist())) for r in docs) / max(len(docs), 1)
+        epochs = self.cfg.train.max_steps * self.batch.global_ * per_row / pairs
+        log.info("expected epochs: ~%.1f (%d steps x %d rows x ~%.1f pairs per row in the first batch / %s pairs)",
+                 epochs, self.cfg.train.max_steps, self.batch.global_, per_row, f"{pairs:,}")
+
     def _inputs(self, batch: dict) -> dict[str, torch.Tensor]:
         """The model's inputs on this rank's device, with what needs the values worked out on the CPU."""
-        from ds_train.loss import target_positions
-        from ds_train.model import check_batch_ranges
-
         check_batch_ranges(batch["input_ids"], batch["position_ids"], self.model_config.vocab_size,
                            self.model_config.n_positions)
         dev = self.dist.device
@@ -446,34 +458,13 @@ def finish(cfg: Config, outcome: Outcome) -> None:
     run_dir = Path(cfg.run.dir)
     export_dir = None
     if cfg.export.enabled and outcome.checkpoint is not None and not outcome.stopped_by_signal:
-        from ds_train.export import export_checkpoint
-
         export_dir = run_dir / "export"
         marker = export_dir / "EXPORTED_FROM"
         if not (marker.is_file() and marker.read_text() == str(outcome.checkpoint.resolve())):
             export_checkpoint(outcome.checkpoint, export_dir, dtype=cfg.export.dtype, force=True)
             marker.write_text(str(outcome.checkpoint.resolve()))
     png = plot_loss_curve(run_dir, run_dir / "loss_curve.png")
-    row = outcome.last_row
-    lines = [
-        "",
-        f"run:          {run_dir.resolve()}",
-        f"step:         {outcome.step} of {cfg.train.max_steps}  ({outcome.tokens:,} tokens)",
-    ]
-    if row:
-        lines.append(f"final loss:   {row.get('train/loss', math.nan):.4f} (code tokens "
-                     f"{row.get('train/loss_code', math.nan):.4f})")
-        lines.append(f"tokens/s:     {row.get('perf/tokens_per_s', 0):,.0f}")
-    if outcome.skipped:
-        lines.append("data skipped: " + ", ".join(f"{k}={v}" for k, v in outcome.skipped.items())
-                     + " (rank 0's share; see the log for every rank)")
-    lines += [
-        f"checkpoint:   {outcome.checkpoint}",
-        f"export:       {export_dir or '(not exported)'}",
-        f"loss curve:   {png or '(no metrics yet)'}",
-        f"TensorBoard:  tensorboard --logdir {run_dir / 'tb'}",
-    ]
-    print("\n".join(lines), flush=True)
+    print("\n".join(summary_lines(cfg, outcome, export_dir, png)), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
+import os
+import re
+import subprocess
+import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -18,7 +25,10 @@ from ds_train.config import (
     load_config,
     resolve_precision,
 )
-from ds_train.train import parse_args
+from ds_train.config_cli import field_docs, parse_args
+from ds_train.data.tokenizer import DEFAULT_VOCAB_SIZE
+from ds_train.errors import UsageError
+from ds_train.train import main
 
 RECIPES = sorted((DS_CONFIG_DIR / "recipes").glob("*.yaml"))
 MACHINES = sorted((DS_CONFIG_DIR / "machines").glob("*.yaml"))
@@ -121,7 +131,8 @@ def test_batch_written_into_deepspeed_config():
                              "--train.deepspeed=zero3_offload.json", "--optim.grad_clip=0.5"])
     b = batch_arithmetic(cfg.train, 3)
     ds = deepspeed_config(cfg, b, "bf16")
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 2, 12)
+    batch = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
+    assert batch == (2, 2, 12)
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] and "fp16" not in ds
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_param"]["device"] == "cpu"
 
@@ -169,5 +180,88 @@ def test_every_recipe_with_every_machine_validates(recipe, machine, tmp_path, mo
 
 
 def test_cli_override_forms():
-    files, overrides = parse_args(["a.yaml", "--train.max_steps", "5", "--run.dir=x", "--local_rank=0"])
-    assert files == ["a.yaml"] and overrides == ["--train.max_steps=5", "--run.dir=x"]
+    files, overrides, print_only = parse_args(["a.yaml", "--train.max_steps", "5", "--run.dir=x", "--local_rank=0"])
+    assert files == ["a.yaml"] and overrides == ["--train.max_steps=5", "--run.dir=x"] and not print_only
+    assert parse_args(["--print-config"])[2]
+
+
+def test_config_errors_are_usage_errors_and_one_vocabulary_default():
+    assert issubclass(ConfigError, UsageError)
+    assert Config().data.vocab_size == DEFAULT_VOCAB_SIZE
+
+
+def _every_field():
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        for f in dataclasses.fields(cls):
+            yield section.name, cls, f
+
+
+def _docs_in_source(cls) -> dict[str, str]:
+    """The docstring line(s) under each `name: type = default` line of a config class, read by a regex."""
+    src = inspect.getsource(cls)
+    return {m.group(1): " ".join(m.group(2).split())
+            for m in re.finditer(r'^    (\w+): [^\n]*\n    """(.*?)"""', src, re.S | re.M)}
+
+
+def test_help_lists_every_field_with_its_docstring_and_default(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    flat = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    defaults = Config()
+    for section, cls, f in _every_field():
+        assert f"--{section}.{f.name}" in flat
+        doc = _docs_in_source(cls).get(f.name)
+        assert doc, f"{section}.{f.name} has no docstring"
+        assert field_docs(cls)[f.name] == doc
+        default = getattr(getattr(defaults, section), f.name)
+        shown = (",".join(default) or "(empty)") if isinstance(default, list) else (
+            str(default).lower() if isinstance(default, bool) else ("''" if default == "" else str(default)))
+        assert f"{' '.join(doc.split())} (default: {shown})" in flat, (section, f.name)
+
+
+def test_field_docs_reads_the_source():
+    docs = field_docs(TrainConfig)
+    assert docs["max_steps"] == "Optimizer steps to train for (the learning-rate schedule spans them)."
+    assert docs["stop_at_step"].startswith("Stop this invocation after this step") and "\n" not in docs["stop_at_step"]
+
+
+def test_print_config_round_trips_through_yaml(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    a = tmp_path / "a.yaml"
+    a.write_text(yaml.safe_dump({"train": {"micro_batch_size": 3, "grad_accum": 2}, "optim": {"lr": 2e-4}}))
+    args = [str(a), "--print-config", "--objective.separation=full", "--train.deepspeed=zero3.json,bf16.json",
+            "--export.enabled=false", "--run.dir", str(tmp_path / "never")]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert not (tmp_path / "never").exists()  # printing runs nothing
+    data = yaml.safe_load(printed)
+    assert data["train"]["global_batch_size"] == 3 * 2 * 2 and data["train"]["grad_accum"] == 2
+    out = tmp_path / "printed.yaml"
+    out.write_text(printed)
+    again = load_config([str(out)])
+    want = load_config([str(a)], ["--objective.separation=full", "--train.deepspeed=zero3.json,bf16.json",
+                                  "--export.enabled=false", f"--run.dir={tmp_path / 'never'}",
+                                  "--train.global_batch_size=12"])
+    assert again == want
+    assert again.optim.lr == 2e-4 and again.train.deepspeed == ["zero3.json", "bf16.json"]
+    assert again.export.enabled is False
+
+
+def test_ds_train_print_config_writes_only_yaml_to_stdout(tmp_path):
+    """The console script, as a user runs it (no DS_ACCELERATOR): stdout is the YAML alone, also on a
+    machine without a GPU, where importing DeepSpeed would log a line to stdout."""
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    proc = subprocess.run([sys.executable, "-c", "import sys; from ds_train.cli import main; sys.exit(main())",
+                           "--print-config", "--train.max_steps=7"], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert yaml.safe_load(proc.stdout) == {**Config().to_dict(), "train": {
+        **Config().to_dict()["train"], "max_steps": 7, "grad_accum": 1, "global_batch_size": 8}}
+
+
+def test_print_config_refuses_a_bad_config_in_lines(capsys):
+    assert main(["--print-config", "--train.max_stepz=3", "--optim.lr=abc"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith("ds-train: ") for line in err), err

@@ -17,6 +17,8 @@ import pytest
 from ds_train.distributed import free_port
 from tests.test_train import ROOT, losses, overrides, reference_losses
 
+pytestmark = pytest.mark.slow  # every test here starts processes (launchers, ranks, supervisors)
+
 SETTINGS = {"train__max_steps": 2, "checkpoint__every_steps": 2}
 
 
@@ -83,7 +85,8 @@ def test_mpirun_with_mpi4py_discovery(tmp_path):
     ("multi_node.sh", {"MASTER_ADDR": "127.0.0.1"}, "set HOSTFILE"),
     ("multi_node.sh", {"HOSTFILE": "/nonexistent", "MASTER_ADDR": "127.0.0.1"}, "hostfile '/nonexistent' not found"),
     ("multi_node.sh", {"HOSTFILE": "@BAD", "MASTER_ADDR": "127.0.0.1"}, "bad line 'node0 gpus=4'"),
-    ("multi_node.sh", {"HOSTFILE": "@GOOD", "MASTER_ADDR": "127.0.0.1", "NODE_RANK": "2"}, "NODE_RANK=2 is not in 0..1"),
+    ("multi_node.sh", {"HOSTFILE": "@GOOD", "MASTER_ADDR": "127.0.0.1", "NODE_RANK": "2"},
+     "NODE_RANK=2 is not in 0..1"),
     ("multi_node.sh", {"HOSTFILE": "@GOOD", "MASTER_ADDR": "no-such-host.invalid"}, "does not resolve"),
     ("multi_node.sh", {"HOSTFILE": "@GOOD"}, "set MASTER_ADDR"),
     ("single_node.sh", {"NUM_GPUS": "0"}, "NUM_GPUS must be a positive integer"),

@@ -23,6 +23,8 @@ from tests.test_faults import _finish, _rank_process, _resumed_step, _wait_for_s
 from tests.test_launch import _env
 from tests.test_train import ROOT, losses, overrides, reference_losses
 
+pytestmark = pytest.mark.slow  # every test here starts processes (launchers, ranks, supervisors)
+
 SETTINGS = {"train__max_steps": 8, "checkpoint__every_steps": 2, "data__trace_ids": "true"}
 SUPERVISE = ["bash", "launch/supervise.sh"]
 

@@ -1,13 +1,17 @@
 """The training engine with the real DeepSpeed engine on the CPU (gloo).
 
 The reference is written plainly here: the same model and batches trained by a plain PyTorch loop
-(AdamW, the same schedule and clipping, gradients averaged over the ranks' micro batches). The
-engine's per-step losses must match it for ZeRO 0-3, world sizes 1 and 2, and across resume.
+(AdamW, clipping, gradients averaged over the ranks' micro batches), with the learning-rate schedule
+and the weight-decay groups written from their formulas in this file (not taken from ds_train.optim),
+so a broken schedule or grouping fails here. The engine's per-step losses must match it for ZeRO 0-3,
+world sizes 1 and 2, and across resume.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 import subprocess
@@ -16,8 +20,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import GPTNeoConfig as HFConfig
+from transformers import GPTNeoForCausalLM
 
 from ds_train.config import load_config
+from ds_train.data.stream import build_dataloader
+from ds_train.data.tokenizer import load_tokenizer, separated_ids
+from ds_train.distributed import free_port
+from ds_train.model import GPTNeo, GPTNeoConfig
 from ds_train.train import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,22 +67,39 @@ def run_in_process(run_dir: Path, **extra) -> dict[int, float]:
     return losses(run_dir)
 
 
+def scheduled_lr(step: int, total: int, peak: float, floor: float, warmup_ratio: float) -> float:
+    """README's schedule for 0-based optimizer step `step`: linear warm-up to `peak` over the first
+    ceil(warmup_ratio x total) steps (step s gets (s + 1) / warm-up of it), then half a cosine from
+    `peak` down to `floor`, reached at step `total`."""
+    warm = math.ceil(warmup_ratio * total)
+    if step < warm:
+        return peak * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return floor + (peak - floor) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def test_scheduled_lr_formula_by_hand():
+    assert scheduled_lr(0, 10, 1.0, 0.1, 0.2) == 0.5 and scheduled_lr(1, 10, 1.0, 0.1, 0.2) == 1.0
+    assert scheduled_lr(2, 10, 1.0, 0.1, 0.2) == 1.0  # the top of the cosine
+    assert scheduled_lr(6, 10, 1.0, 0.1, 0.2) == pytest.approx(0.55)  # half-way down: (1 + 0.1) / 2
+    assert scheduled_lr(10, 10, 1.0, 0.1, 0.2) == pytest.approx(0.1)
+
+
 def reference_losses(run_dir: Path, world_size: int, steps: int, accum: int = 1, **extra) -> list[float]:
     """Plain PyTorch: the batches each rank reads, one model, grads averaged like data parallelism."""
-    from ds_train.data.stream import build_dataloader
-    from ds_train.data.tokenizer import load_tokenizer, separated_ids
-    from ds_train.model import GPTNeo, GPTNeoConfig
-    from ds_train.optim import build_scheduler, param_groups
-
     cfg = load_config(None, overrides(run_dir, **extra))
     tok = load_tokenizer(cfg.data.tokenizer)
     torch.manual_seed(cfg.run.seed)
     mcfg = GPTNeoConfig.from_flavor(cfg.model.flavor, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
                                     separated_ids=tuple(separated_ids(tok, cfg.objective.separation)))
     model = GPTNeo(mcfg)
-    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+    # Weight decay on the weight matrices of the blocks; none on biases, LayerNorms, wte ([E; C]) or wpe.
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight") and p.ndim == 2
+             and n not in ("wte.weight", "wpe.weight")]
+    rest = [p for p in model.parameters() if all(p is not q for q in decay)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}],
                             betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
-    sched = build_scheduler(opt, cfg.optim, cfg.train.max_steps)
     loaders = [iter(build_dataloader(
         [cfg.data.source], cfg.data.tokenizer, objective=cfg.objective.name, seq_len=cfg.data.seq_len,
         micro_batch_size=cfg.train.micro_batch_size, rank=r, world_size=world_size, num_workers=0,
@@ -78,7 +107,10 @@ def reference_losses(run_dir: Path, world_size: int, steps: int, accum: int = 1,
         for r in range(world_size)]
     keys = ("input_ids", "position_ids", "doc_ids", "modality", "target", "prefix")
     out = []
-    for _ in range(steps):
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = scheduled_lr(step, cfg.train.max_steps, cfg.optim.lr, cfg.optim.min_lr,
+                                       cfg.optim.warmup_ratio)
         opt.zero_grad()
         total = torch.zeros(4)
         for _ in range(accum):
@@ -89,14 +121,14 @@ def reference_losses(run_dir: Path, world_size: int, steps: int, accum: int = 1,
                 total += stats
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
-        sched.step()
         out.append(float((total[0] + total[2]) / (total[1] + total[3])))
     return out
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stages_match_plain_pytorch(stage, tmp_path, single_process):
-    settings = {"train__deepspeed": f"zero{stage}.json", "train__max_steps": 4, "checkpoint__every_steps": 4}
+    settings = {"train__deepspeed": f"zero{stage}.json", "train__max_steps": 4, "checkpoint__every_steps": 4,
+                "optim__weight_decay": 0.1, "optim__warmup_ratio": 0.3}
     got = run_in_process(tmp_path / "run", **settings)
     ref = reference_losses(tmp_path / "run", world_size=1, steps=4, **settings)
     assert [got[s] for s in range(1, 5)] == pytest.approx(ref, rel=2e-5)
@@ -104,7 +136,8 @@ def test_zero_stages_match_plain_pytorch(stage, tmp_path, single_process):
 
 
 def test_grad_accumulation_matches_plain_pytorch(tmp_path, single_process):
-    settings = {"train__grad_accum": 2, "train__max_steps": 3, "checkpoint__every_steps": 3}
+    settings = {"train__grad_accum": 2, "train__max_steps": 3, "checkpoint__every_steps": 3,
+                "optim__weight_decay": 0.1}
     got = run_in_process(tmp_path / "run", **settings)
     ref = reference_losses(tmp_path / "run", world_size=1, steps=3, accum=2, **settings)
     assert [got[s] for s in (1, 2, 3)] == pytest.approx(ref, rel=2e-5)
@@ -141,8 +174,6 @@ def test_overfit_one_batch(tmp_path, single_process):
 
 
 def test_tensorboard_scalars_read_back(tmp_path, single_process):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     run_in_process(tmp_path / "run", train__max_steps=4, objective__name="text_code_clm", train__log_every=2,
                    checkpoint__every_steps=4)
     acc = EventAccumulator(str(tmp_path / "run" / "tb"))
@@ -162,16 +193,13 @@ def _launch_two_ranks(run_dir: Path, port: int | None = None, **extra) -> subpro
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    from ds_train.distributed import free_port
-
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
            str(port or free_port()), "--module", "ds_train.train", *overrides(run_dir, **extra)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
 
 
+@pytest.mark.slow
 def test_world_size_two_matches_plain_pytorch(tmp_path):
-    from ds_train.distributed import free_port
-
     settings = {"train__max_steps": 3, "checkpoint__every_steps": 3, "train__deepspeed": "zero2.json"}
     port = free_port()
     proc = _launch_two_ranks(tmp_path / "run", port=port, **settings)
@@ -190,12 +218,6 @@ def test_init_from_a_transformers_gpt_neo(tmp_path, single_process):
     """Start from a local `transformers` GPT-Neo directory: at step 1 the code table is a copy of E, so
     the engine's first loss must equal the plain `transformers` model's cross-entropy on the same
     documents (run one by one, positions from 0), summed over the targets and divided by their count."""
-    from transformers import GPTNeoConfig as HFConfig
-    from transformers import GPTNeoForCausalLM
-
-    from ds_train.data.stream import build_dataloader
-    from ds_train.data.tokenizer import load_tokenizer
-
     tok = load_tokenizer(ASSETS / "tokenizer")
     torch.manual_seed(0)
     hf = GPTNeoForCausalLM(HFConfig(vocab_size=len(tok), max_position_embeddings=256, hidden_size=32,
@@ -252,3 +274,92 @@ def test_resume_under_another_zero_stage_is_refused_in_one_line(tmp_path, single
     assert "Traceback" not in stderr
     err = [line for line in stderr.splitlines() if line.startswith("ds-train:")]
     assert len(err) == 1 and "was written with ZeRO stage 2, this run uses stage 3" in err[0], err
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every file under root with the sha256 of its bytes (and every folder), to compare two states."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+def test_refused_run_leaves_the_run_directory_byte_identical(tmp_path, single_process, capsys):
+    run = tmp_path / "run"
+    run_in_process(run, train__max_steps=2, checkpoint__every_steps=2)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["train"]["grad_accum"], saved["train"]["global_batch_size"]) == (1, 2)  # resolved, not 0
+    before = _tree(run)
+    capsys.readouterr()
+    assert main(overrides(run, objective__name="text_code_clm", train__max_steps=4)) == 2
+    assert "does not match this run" in capsys.readouterr().err
+    assert _tree(run) == before
+
+
+def test_useful_tokens_per_s_excludes_padding(tmp_path, single_process, caplog):
+    """perf/tokens_per_s / perf/raw_tokens_per_s must be the share of positions that belong to a document
+    in the batches the run trained on (both rates share their interval's time)."""
+    with caplog.at_level(logging.INFO, logger="ds_train"):
+        run_in_process(tmp_path / "run", train__max_steps=4, train__log_every=2, checkpoint__every_steps=4)
+    cfg = load_config(None, overrides(tmp_path / "run"))
+    loader = build_dataloader([cfg.data.source], cfg.data.tokenizer, objective=cfg.objective.name,
+                              seq_len=cfg.data.seq_len, micro_batch_size=2, rank=0, world_size=1, seed=cfg.run.seed)
+    batches = [b for b, _ in zip(loader, range(4))]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for row, pair in zip(rows, (batches[:2], batches[2:])):
+        tokens = [int(t) for b in pair for row_ids in b["input_ids"] for t in row_ids]
+        useful = sum(1 for b in pair for d in b["doc_ids"].flatten().tolist() if d >= 0)
+        assert len(tokens) == 2 * 2 * cfg.data.seq_len and useful < len(tokens)  # there is padding
+        assert row["perf/tokens_per_s"] / row["perf/raw_tokens_per_s"] == pytest.approx(useful / len(tokens))
+    messages = [r.getMessage() for r in caplog.records]
+    # start-up lines, then one plain line per logging interval (stderr is not a terminal here)
+    assert any(m.startswith("batch: micro 2 x accumulation 1 x 1 rank = global batch 2 rows of 128 tokens = 256 "
+                            "tokens per step") for m in messages), messages
+    assert any(m.startswith("model: tiny GPT-Neo, ") and " parameters (" in m for m in messages)
+    assert any(m.startswith("engine: DeepSpeed ZeRO stage 2, precision fp32") for m in messages)
+    assert [m.split()[1] for m in messages if m.startswith("step ")] == ["2/4", "4/4"]
+    assert not any("\r" in m for m in messages)
+
+
+def test_resume_with_a_longer_schedule_warns_of_the_jump(tmp_path, single_process, caplog):
+    run_in_process(tmp_path / "run", train__max_steps=4, checkpoint__every_steps=4)
+    with caplog.at_level(logging.WARNING, logger="ds_train"):
+        run_in_process(tmp_path / "run", train__max_steps=8, checkpoint__every_steps=4)
+    cfg = load_config(None, overrides(tmp_path / "run"))
+    old = scheduled_lr(4, 4, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_ratio)
+    new = scheduled_lr(4, 8, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_ratio)
+    warned = [r.getMessage() for r in caplog.records if "learning-rate schedule" in r.getMessage()]
+    assert len(warned) == 1 and "max_steps 4 -> 8" in warned[0], warned
+    moved = warned[0].split("step 5 moves from ")[1].split(" to ")
+    assert [float(x) for x in moved] == pytest.approx([old, new], rel=5e-3)  # as printed, 3 digits
+
+
+NAN_FROM = 61  # position rows of the NaN model from here on; with seq_len 64 the 4th batch is the first to reach it
+
+
+def test_nonfinite_loss_read_one_step_late_stops_before_any_save(tmp_path, single_process, capsys):
+    """train.log_every > 1: the loss of step k is read back at the end of step k + 1. A NaN met so must stop
+    the run there, naming step k, with no checkpoint at or after it (the last one precedes it)."""
+    tok = load_tokenizer(ASSETS / "tokenizer")
+    loader = build_dataloader([str(ASSETS / "tiny_pairs.jsonl")], ASSETS / "tokenizer", objective="code_clm",
+                              seq_len=64, micro_batch_size=2, seed=1234)
+    reach = [bool((b["position_ids"] >= NAN_FROM).any()) for b, _ in zip(loader, range(8))]
+    bad = reach.index(True)  # 0-based batch = step bad + 1
+    assert bad >= 3, reach  # checkpoint.every_steps = bad saves once before it and never at bad + 1 or bad + 2
+    torch.manual_seed(0)
+    hf = GPTNeoForCausalLM(HFConfig(vocab_size=len(tok), max_position_embeddings=128, hidden_size=32,
+                                    num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+                                    window_size=16, intermediate_size=128))
+    with torch.no_grad():
+        hf.transformer.wpe.weight[NAN_FROM:] = float("nan")
+    hf.save_pretrained(tmp_path / "hf")
+    run = tmp_path / "run"
+    code = main(overrides(run, model__init_from=str(tmp_path / "hf"), data__seq_len=64, train__max_steps=bad + 6,
+                          train__log_every=100, checkpoint__every_steps=bad, data__trace_ids="true"))
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"ds-train: non-finite loss at step {bad + 1} on rank 0, batch _ids ")
+    assert err[-1].endswith("stopped without saving, the last checkpoint precedes it "
+                            "(train.nonfinite=skip skips such batches)")
+    trace = [json.loads(line) for line in (run / "trace" / "rank0.jsonl").read_text().splitlines()]
+    assert trace[-1]["step"] == bad + 2  # the step after the bad one ran: the read was one step late
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == [f"step-{bad}"]
+    assert (run / "checkpoints" / "latest").read_text() == f"step-{bad}"
