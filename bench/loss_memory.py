@@ -6,7 +6,8 @@ Run it as its own process (the measurement is this process's peak RSS):
     .venv/bin/python bench/loss_memory.py --targets 8192 --d-model 64  # a quick one
 
 It allocates the inputs (hidden states of the target rows, the [E; C] table), notes the resident set
-size, runs `ds_train.loss.modality_loss` forward and backward, and reads the peak RSS (VmHWM after resetting it; ru_maxrss where /proc is missing).
+size, runs `ds_train.loss.modality_loss` forward and backward, and reads the peak RSS (VmHWM after
+resetting it; ru_maxrss where /proc is missing).
 peak - baseline is an upper bound of the extra memory of the loss path, gradients included. It prints
 one JSON line; the naive figure is the fp32 logits alone, targets x V x 4 bytes.
 """

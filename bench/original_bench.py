@@ -141,7 +141,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
         opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=device.type == "cuda")
         autocast = torch.autocast(device.type, dtype=torch.bfloat16)
 
-        def step(kind=kind, hf=hf, opt=opt) -> None:
+        def step(kind=kind, hf=hf, opt=opt, autocast=autocast) -> None:
             with autocast:
                 if kind == "original":
                     logits = hf(input_ids=ids).logits

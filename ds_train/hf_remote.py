@@ -131,7 +131,8 @@ class MRPTForCausalLM(GPTNeoForCausalLM):
     ):
         """Base tokenizer ids in the training layout (a whole sequence), or, from `generate`, routed
         ids with their flags (`position_ids` is named so that `generate` counts positions from the
-        first real token of a left-padded row). Logits have V columns; `labels` (base ids, -100 ignored) give the loss."""
+        first real token of a left-padded row). Logits have V columns; `labels` (base ids, -100
+        ignored) give the loss."""
         if input_ids is not None and not routed:
             modality, code_next, prefix = layout_flags(input_ids, self.special)
             input_ids = self.route(input_ids, modality)

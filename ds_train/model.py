@@ -305,7 +305,9 @@ class GPTNeo(nn.Module):
         V, P = self.config.vocab_size, self.config.n_positions
         if input_ids.is_cuda:
             torch._assert_async(((input_ids >= 0) & (input_ids < V)).all(), "input_ids outside [0, vocab_size)")
-            torch._assert_async(((position_ids >= 0) & (position_ids < P)).all(), "position_ids outside [0, n_positions)")
+            torch._assert_async(
+                ((position_ids >= 0) & (position_ids < P)).all(), "position_ids outside [0, n_positions)"
+            )
             return
         check_batch_ranges(input_ids, position_ids, V, P)
 

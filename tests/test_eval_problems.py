@@ -72,7 +72,10 @@ def test_mbpp_signature_from_reference_and_asserts_in_docstring():
         "task_id": 1,
         "text": "Find the min cost.",
         "test_setup_code": "",
-        "code": "import math\r\nR = 3\r\ndef helper(x):\r\n\treturn x\r\ndef min_cost(cost, m,  n): \r\n\treturn helper(R)",
+        "code": (
+            "import math\r\nR = 3\r\ndef helper(x):\r\n\treturn x\r\n"
+            "def min_cost(cost, m,  n): \r\n\treturn helper(R)"
+        ),
         "test_list": [
             "assert min_cost([1], 2, 2) == 3",
             "assert min_cost([2], 1, 1) == 3",

@@ -551,7 +551,10 @@ def test_refuses_a_checkpoint_with_flipped_bits(world1, tmp_path, capsys):
     holds): the checksum names the file, nothing is written."""
     run = copy_checkpoint(world1 / "model-1-partial-fp32", tmp_path / "run")
     optim = next(tag_dir(run).glob("*optim_states.pt"))
-    load = lambda: torch.load(optim, weights_only=False)["optimizer_state_dict"]
+
+    def load():
+        return torch.load(optim, weights_only=False)["optimizer_state_dict"]
+
     part = load()["single_partition_of_fp32_groups"][0].detach()
     i = int(((part.abs() > 1e-3) & (part.abs() < 1)).nonzero()[0])
     needle = part[i : i + 4].numpy().tobytes()
