@@ -6,7 +6,8 @@ One pair becomes::
 
 Rendering, exactly:
 
-- SIGNATURE: the linearized header from ``codec.split_signature`` (decorators included), stripped.
+- SIGNATURE: the linearized header from ``codec.split_signature`` (decorators included), stripped;
+  code given as Python source (no layout marker) is linearized first.
 - DOCSTRING: ``codec.render_docstring``: the stripped docstring, ``"""`` inside it escaped as
   ``\"\"\"``, wrapped in triple quotes and indented by four spaces as it stands under its
   ``def`` line; a multi-line docstring indents every non-empty line and closes on its own line::
@@ -35,10 +36,10 @@ from enum import IntEnum
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from ds_train.data.codec import render_docstring, split_signature
+from ds_train.data.codec import ensure_linearized, render_docstring, split_signature
 from ds_train.data.sources import Pair, SkipCounter
 from ds_train.data.tokenizer import BOT, COMMENTS, EOT, MASK, PYTHON, special_ids
-from ds_train.errors import UsageError
+from ds_train.errors import UsageError, first_line
 
 OBJECTIVES = ("text_code_clm", "code_clm", "corrupt_code_clm", "prefix_code_clm")
 MASK_SHARE = 0.8
@@ -179,14 +180,19 @@ class Encoder:
     def layout(
         self, pairs: list[Pair], skips: SkipCounter | None = None
     ) -> list[tuple[str, np.ndarray, np.ndarray]]:
-        """``(_id, ids, segments)`` of each pair (uncorrupted); pairs without a header are skipped."""
+        """``(_id, ids, segments)`` of each pair (uncorrupted); pairs without a header are skipped.
+
+        Code given as Python source (no layout marker) is linearized first (``codec.ensure_linearized``);
+        source that does not tokenize is skipped as ``untokenizable_code``.
+        """
         parts, kept = [], []
         for pair in pairs:
             try:
-                signature, body = split_signature(pair.code)
+                signature, body = split_signature(ensure_linearized(pair.code))
             except ValueError as err:
                 if skips is not None:
-                    skips.skip("no_signature", pair.id, str(err))
+                    reason = "untokenizable_code" if "tokenize" in str(err) else "no_signature"
+                    skips.skip(reason, pair.id, first_line(err))
                 continue
             parts += [signature.strip(), render_docstring(pair.docstring), body.strip()]
             kept.append(pair.id)

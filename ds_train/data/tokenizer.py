@@ -261,27 +261,27 @@ def _pieces(model: bytes) -> dict[str, int]:
 def sentencepiece_settings(vocab_size: int) -> dict:
     """The trainer's settings: only the special tokens are symbols (a benchmark trains its baseline
     with the same settings)."""
-    return dict(
-        model_type="bpe",
-        vocab_size=vocab_size,
-        hard_vocab_limit=False,
-        character_coverage=1.0,
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        max_sentence_length=1 << 16,
-        pad_id=0,
-        pad_piece=PAD,
-        unk_id=1,
-        bos_id=-1,
-        eos_id=-1,
-        user_defined_symbols=list(SPECIAL_TOKENS[1:]),
-        num_threads=min(8, os.cpu_count() or 1),
-        minloglevel=2,
-    )
+    return {
+        "model_type": "bpe",
+        "vocab_size": vocab_size,
+        "hard_vocab_limit": False,
+        "character_coverage": 1.0,
+        "byte_fallback": True,
+        "normalization_rule_name": "identity",
+        "remove_extra_whitespaces": False,
+        "add_dummy_prefix": False,
+        "allow_whitespace_only_pieces": True,
+        "split_digits": True,
+        "max_sentence_length": 1 << 16,
+        "pad_id": 0,
+        "pad_piece": PAD,
+        "unk_id": 1,
+        "bos_id": -1,
+        "eos_id": -1,
+        "user_defined_symbols": list(SPECIAL_TOKENS[1:]),
+        "num_threads": min(8, os.cpu_count() or 1),
+        "minloglevel": 2,
+    }
 
 
 def whole_word_forms(vocab: dict[str, int]) -> list[str]:
