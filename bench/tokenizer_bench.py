@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import tempfile
+from itertools import pairwise
 from pathlib import Path
 
 import sentencepiece as spm
@@ -75,7 +76,7 @@ def sp_lengths(sp: spm.SentencePieceProcessor, segs) -> tuple[list[tuple[int, in
     for parts in segs:
         pieces = [sp.encode(text, out_type=str) for text in parts]
         lengths.append(tuple(len(p) for p in pieces))
-        lone += sum(1 for p in pieces for a, b in zip(p, p[1:]) if a == "▁" and b in MARKERS)
+        lone += sum(1 for p in pieces for a, b in pairwise(p) if a == "▁" and b in MARKERS)
     return lengths, lone
 
 

@@ -27,7 +27,7 @@ PAIRS = [json.loads(line) for line in (ASSETS / "tiny_pairs.jsonl").read_text().
 PY_TOKENS = (Path(__file__).parents[1] / "ds_train" / "resources" / "python_tokens.txt").read_text().split()
 ENTRIES = list(dict.fromkeys(PY_TOKENS))
 MARKERS = ("<NEW_LINE>", "<INDENT>", "<DEDENT>")
-WHOLE = "\ue000"  # the end of a whole-word piece, written out here on purpose
+WHOLE = "\ue000"  # the start of a whole-word piece, written out here on purpose
 IDENTIFIERS = "x = settings . integers + inline ( format_string ) . settle ( intx , isx ) <NEW_LINE>"
 
 
@@ -79,7 +79,7 @@ def test_special_tokens_are_single_ids_and_pad_is_set(tok) -> None:
         "<NEW_LINE>",
         "<DEDENT>",
     ]
-    assert "▁return" + WHOLE in pieces  # a word-initial Python token is one piece
+    assert WHOLE + "▁return" in pieces  # a word-initial Python token is one piece
 
 
 def independent_partial(tokenizer_dir: Path) -> set[int]:
@@ -97,7 +97,7 @@ def test_separation_sets_equal_an_independent_computation(tok) -> None:
     partial = set(separated_ids(TOKENIZER, "partial"))
     assert partial == independent_partial(TOKENIZER)
     for piece in ("▁return", "▁def", "▁self", "▁(", "▁,", "▁len", "▁isinstance", "▁None", "def", "▁casefold"):
-        assert vocab[piece + WHOLE] in partial, piece
+        assert vocab[WHOLE + piece] in partial, piece
     for piece in ("▁wrap", "▁text", "<python>", "<NEW_LINE>", "<pad>", "▁the", "▁in", "▁set", "▁int"):
         assert vocab.get(piece) not in partial, piece
     assert separated_ids(TOKENIZER, "none") == []
@@ -120,7 +120,7 @@ def test_identifiers_never_borrow_a_separated_piece(tok) -> None:
     # ... while the Python tokens themselves, as whole words, are separated.
     ids = tok("x = set ( int ( y ) in z )", add_special_tokens=False)["input_ids"]
     pieces = dict(zip(tok.convert_ids_to_tokens(ids), ids))
-    assert {pieces[f"▁{w}{WHOLE}"] for w in ("=", "set", "(", "int", "in", ")")} <= partial
+    assert {pieces[f"{WHOLE}▁{w}"] for w in ("=", "set", "(", "int", "in", ")")} <= partial
 
 
 def test_train_tokenizer_writes_a_loadable_directory(tmp_path: Path) -> None:

@@ -17,15 +17,19 @@ what every later load reads, with three changes to the pipeline:
   ``strip_before_markers``). Decoding puts one space back before every marker except at the start
   of the text and right after another special token (``<python><NEW_LINE>``), so linearized code
   and the layout round-trip exactly; whitespace other than one space before a marker is not kept.
-- A Python token of the list (``resources/python_tokens.txt``) that sentencepiece did not learn,
-  bare or word-initial, is added as the piece ``▁`` + token that only a whole word gives: a
-  pre-tokenizer isolates ``▁token`` when no identifier character (or, for an operator, no
-  operator character) follows, and the BPE model takes an isolated word found in its vocabulary
-  as one piece (``ignore_merges``). Inside a longer word the usual merges apply.
+- Every Python token of the list (``resources/python_tokens.txt``) gets a whole-word piece,
+  ``WHOLE_WORD`` (U+E000) + ``▁`` + token (and + the bare token where sentencepiece learned it, for
+  a word that starts a text, like ``def``), appended after the sentencepiece ids. The normalizer
+  puts ``WHOLE_WORD`` before an occurrence that no identifier character (for an operator: no other
+  operator character) follows, a pre-tokenizer isolates it, and the BPE model takes an isolated
+  word found in its vocabulary as one piece (``ignore_merges``); decoding drops ``WHOLE_WORD``.
+  Inside a longer word the usual merges apply and give sentencepiece's own pieces, so an
+  identifier never borrows the piece of a Python token (``settings`` is not ``set`` + ...).
 - Spaces become ``▁`` in the normalizer, as in sentencepiece.
 
-The partial separation set is the ids of the list's entries present as pieces, bare or
-word-initial (``▁`` for sentencepiece, ``Ġ`` for GPT-2-style byte-level vocabularies).
+The partial separation set of a trained tokenizer is its whole-word pieces; of an adapted one, the
+ids of the list's entries present bare or word-initial (``Ġ`` for GPT-2-style byte-level
+vocabularies, ``▁`` for sentencepiece ones). Text containing U+E000 itself does not round-trip.
 A pre-trained tokenizer is adapted as ``lm_trainer.py`` of the original implementation does
 (``adapt_tokenizer``).
 """
@@ -76,7 +80,7 @@ SEPARATION_MODES = ("none", "partial", "full")
 SEPARATION_FILE = "separation.json"
 SENTENCEPIECE_FILE = "sentencepiece.model"  # kept for reference; tokenizer.json is what loads
 SPACE = "▁"  # sentencepiece's word-initial mark
-WHOLE_WORD = "\ue000"  # ends the whole-word piece of a Python token (removed when decoding)
+WHOLE_WORD = "\ue000"  # starts the whole-word piece of a Python token (removed when decoding)
 WORD_INITIAL = (SPACE, "Ġ")  # sentencepiece, GPT-2 style byte-level BPE
 
 DEFAULT_VOCAB_SIZE = 4000
@@ -291,19 +295,27 @@ def whole_word_forms(vocab: dict[str, int]) -> list[str]:
     return [SPACE + t for t in entries] + [t for t in entries if t in vocab]
 
 
-def _twin_patterns(forms: list[str]) -> list[str]:
-    """Regexes of the positions right after a whole-word form (one for words, one for operators)."""
-    patterns = []
-    for wordy in (True, False):
-        group = [f for f in forms if bool(re.match(r"\w", f[-1])) == wordy]
-        if group:
-            behind = "|".join(
-                re.escape(f) if f.startswith(SPACE) else "\\A" + re.escape(f)
-                for f in sorted(group, key=len, reverse=True)
-            )
-            ahead = r"(?!\w)" if wordy else rf"(?![^\w\s{SPACE}])"
-            patterns.append(f"(?<={behind}){ahead}")
-    return patterns
+def _whole_word_normalizers(forms: list[str]) -> list[normalizers.Normalizer]:
+    """Replacements that put ``WHOLE_WORD`` before each whole-word occurrence of ``forms``.
+
+    A ``▁`` form counts when no identifier character (for a word) or no other operator character
+    (for an operator) follows; a bare form only at the start of the text. The patterns start with a
+    literal ``▁`` or ``\\A``, which keeps the scan fast.
+    """
+    steps = []
+    for prefix, found, replacement in (
+        (SPACE, [f[1:] for f in forms if f.startswith(SPACE)], WHOLE_WORD + SPACE),
+        ("\\A", [f for f in forms if not f.startswith(SPACE)], WHOLE_WORD),
+    ):
+        branches = []
+        for wordy in (True, False):
+            group = sorted((f for f in found if bool(re.match(r"\w", f[-1])) == wordy), key=len, reverse=True)
+            if group:
+                ahead = r"(?!\w)" if wordy else rf"(?![^\w\s{SPACE}])"
+                branches.append(f"{prefix}(?=(?:{'|'.join(map(re.escape, group))}){ahead})")
+        if branches:
+            steps.append(normalizers.Replace(Regex("|".join(branches)), replacement))
+    return steps
 
 
 def _wrap_sentencepiece(out: Path) -> tuple[PreTrainedTokenizerFast, list[str]]:
@@ -333,18 +345,13 @@ def _wrap_sentencepiece(out: Path) -> tuple[PreTrainedTokenizerFast, list[str]]:
     vocab = spec["model"]["vocab"]
     forms = whole_word_forms(vocab)
     for form in forms:  # appended after every sentencepiece id
-        vocab[form + WHOLE_WORD] = max(vocab.values()) + 1
+        vocab[WHOLE_WORD + form] = max(vocab.values()) + 1
     spec["model"]["ignore_merges"] = True
     backend = Tokenizer.from_str(json.dumps(spec))
-    backend.normalizer = normalizers.Sequence(
-        [normalizers.Replace(" ", SPACE)]
-        + [normalizers.Replace(Regex(p), WHOLE_WORD) for p in _twin_patterns(forms)]
-    )
-    isolate = "|".join(
-        (re.escape(f) if f.startswith(SPACE) else "\\A" + re.escape(f)) + WHOLE_WORD
-        for f in sorted(forms, key=len, reverse=True)
-    )
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(isolate), "isolated")
+    backend.normalizer = normalizers.Sequence([normalizers.Replace(" ", SPACE), *_whole_word_normalizers(forms)])
+    # A marked word is a run of identifier characters or of operator characters: exactly the form.
+    word = rf"{WHOLE_WORD}{SPACE}?(?:\w+|[^\w\s{SPACE}{WHOLE_WORD}]+)"
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(word), "isolated")
     backend.decoder = decoders.Sequence(
         [decoders.Replace(WHOLE_WORD, ""), backend.decoder, decoders.Replace(_SPACE_BEFORE_MARKER, " ")]
     )
@@ -444,14 +451,14 @@ def compute_separation(tokenizer: PreTrainedTokenizerBase) -> dict[str, list[int
     """The separated id sets of each mode (ARCHITECTURE.md, "Tokens").
 
     partial: for a trained tokenizer, the ids of the whole-word pieces of the Python list's entries
-    (``▁`` + entry, or a bare entry at the start of a text, followed by ``WHOLE_WORD``); for an
+    (``WHOLE_WORD`` + ``▁`` + entry, or + a bare entry that starts a text); for an
     adapted one, the ids of the entries present bare or word-initial (``word_marker`` + entry),
     added ones included. full: every id that is not a special token.
     """
     vocab = tokenizer.get_vocab()
     special = set(tokenizer.all_special_ids) | set(special_ids(tokenizer).values())
     entries = python_tokens()
-    partial = {vocab[f + WHOLE_WORD] for t in entries for f in (t, SPACE + t) if f + WHOLE_WORD in vocab}
+    partial = {vocab[WHOLE_WORD + f] for t in entries for f in (t, SPACE + t) if WHOLE_WORD + f in vocab}
     if not partial:
         marker = word_marker(tokenizer)
         partial = {vocab[f] for t in entries for f in (t, marker + t) if f in vocab}
