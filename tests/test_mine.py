@@ -348,3 +348,28 @@ def test_prepare_keeps_the_mined_pairs_that_fit_a_row(tmp_path: Path) -> None:
     assert [p.id for p in kept] == fitting[:120]
     again = prepare(cfg, tmp_path, True)  # a re-run reuses both
     assert list(read_pairs(again.sources)) == kept
+
+
+def test_prepare_trains_the_tokenizer_on_every_source(tmp_path: Path) -> None:
+    from ds_train.config import Config
+    from ds_train.data.tokenizer import load_tokenizer, train_tokenizer
+    from ds_train.prepare import prepare
+
+    lines = (Path(__file__).parent / "assets" / "tiny_pairs.jsonl").read_text().splitlines()
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("\n".join(lines[:150]) + "\n")
+    second.write_text("\n".join(lines[150:]) + "\n")
+    cfg = Config()
+    cfg.data.source, cfg.data.vocab_size = f"{first},{second}", 700
+    prepared = prepare(cfg, tmp_path / "run", True)
+    assert prepared.sources == [str(first), str(second)]
+    tok = load_tokenizer(prepared.tokenizer_dir)
+    assert 690 <= len(tok) <= 700
+    # Both files were read: the vocabulary differs from one trained on the first file alone.
+    assert tok.get_vocab() != train_tokenizer(first, tmp_path / "first_only", 700).get_vocab()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"_id": "x", "docstring": "d", "code": "x = 1"}) + "\n")
+    cfg.data.source = str(bad)
+    with pytest.raises(ValueError, match="no usable .* pair"):
+        prepare(cfg, tmp_path / "run2", True)
+    assert not (tmp_path / "run2" / "tokenizer").exists()
