@@ -224,3 +224,11 @@ def test_bad_tokenizer_directories_fail_in_one_line(tmp_path: Path) -> None:
         load_tokenizer(tmp_path / "empty")
     with pytest.raises(UsageError, match="special token"):
         load_tokenizer(byte_level_bpe(tmp_path))
+
+
+def test_too_small_a_vocabulary_says_what_to_ask_for(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"a vocabulary of 300 tokens is too small .* ask for well above \d+"):
+        train_tokenizer(ASSETS / "tiny_pairs.jsonl", tmp_path / "tok", vocab_size=300)
+    with pytest.raises(UsageError, match="leaves no room"):
+        train_tokenizer(ASSETS / "tiny_pairs.jsonl", tmp_path / "tok", vocab_size=100)
+    assert not (tmp_path / "tok").exists()

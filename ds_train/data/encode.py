@@ -36,9 +36,18 @@ from enum import IntEnum
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from ds_train.data.codec import ensure_linearized, render_docstring, split_signature
+from ds_train.data.codec import (
+    BOT,
+    COMMENTS,
+    EOT,
+    MASK,
+    PYTHON,
+    ensure_linearized,
+    render_docstring,
+    split_signature,
+)
 from ds_train.data.sources import Pair, SkipCounter
-from ds_train.data.tokenizer import BOT, COMMENTS, EOT, MASK, PYTHON, special_ids
+from ds_train.data.tokenizer import special_ids
 from ds_train.errors import UsageError, first_line
 
 OBJECTIVES = ("text_code_clm", "code_clm", "corrupt_code_clm", "prefix_code_clm")

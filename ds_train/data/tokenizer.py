@@ -51,17 +51,10 @@ import sentencepiece as spm
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from transformers import AddedToken, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from ds_train.data.codec import (
-    BOT,
-    COMMENTS,
-    DEDENT,
-    EOT,
-    INDENT,
+from ds_train.data.codec import (  # the layout's tokens live in codec; EOT is re-exported for callers
+    EOT,  # noqa: F401
     MARKERS,
-    MASK,
-    NEW_LINE,
     PAD,
-    PYTHON,
     SPECIAL_TOKENS,
     ensure_linearized,
     render_docstring,
@@ -71,10 +64,6 @@ from ds_train.data.sources import SkipCounter, read_pairs
 from ds_train.errors import UsageError, first_line
 
 logger = logging.getLogger(__name__)
-
-__all__ = [  # the layout's tokens are defined in codec; importing them from here stays valid
-    "BOT", "COMMENTS", "DEDENT", "EOT", "INDENT", "MASK", "NEW_LINE", "PAD", "PYTHON", "SPECIAL_TOKENS",
-]
 
 SEPARATION_MODES = ("none", "partial", "full")
 SEPARATION_FILE = "separation.json"
@@ -252,6 +241,14 @@ def _train_sentencepiece(texts: list[str], vocab_size: int) -> bytes:
         )
     except RuntimeError as err:  # sentencepiece reports bad settings (e.g. too small a vocabulary) so
         line = str(err).strip().splitlines()[-1]
+        needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", line)
+        if needed:
+            least = int(needed.group(1)) + len(python_tokens())
+            raise UsageError(
+                f"a vocabulary of {vocab_size + len(python_tokens())} tokens is too small for this corpus: "
+                f"its characters take {needed.group(1)} pieces and the Python tokens' whole-word pieces "
+                f"{len(python_tokens())} or more; ask for well above {least}"
+            ) from None
         raise UsageError(f"sentencepiece training failed: {line}") from None
     return model.getvalue()
 
