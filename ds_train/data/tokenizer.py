@@ -14,7 +14,7 @@ what every later load reads, with three changes to the pipeline:
 - The layout markers (``<NEW_LINE>``, ``<INDENT>``, ``<DEDENT>``) take the whitespace before them
   (``lstrip``): they delimit themselves, so the lone ``▁`` piece that would precede each of them
   is never produced (sentencepiece is trained on the text without that space, see
-  ``strip_before_markers``). Decoding puts one space back before every marker except at the start
+  ``strip_before_markers``, and split at the whole words below, as the BPE model sees it). Decoding puts one space back before every marker except at the start
   of the text and right after another special token (``<python><NEW_LINE>``), so linearized code
   and the layout round-trip exactly; whitespace other than one space before a marker is not kept.
 - Every Python token of the list (``resources/python_tokens.txt``) gets a whole-word piece,
@@ -133,10 +133,12 @@ def train_tokenizer(
     # The whole-word pieces count in vocab_size: ``▁`` + every entry, and the bare entries
     # sentencepiece learns (known only after training: a few retrainings make room for them; the
     # largest vocabulary within vocab_size is kept).
+    splitter = _whole_words_regex()
+    sentences = [part for text in texts for part in splitter.split(text) if part]
     size, best, tried = vocab_size - len(python_tokens()), None, set()
     while len(tried) < 4 and size not in tried:
         tried.add(size)
-        model = _train_sentencepiece(texts, size)
+        model = _train_sentencepiece(sentences, size)
         pieces = _pieces(model)
         total = len(pieces) + len(whole_word_forms(pieces))
         if total <= vocab_size and (best is None or total > best[0]):
@@ -191,6 +193,15 @@ class _staging_dir:
         os.replace(self.tmp, self.target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _whole_words_regex() -> re.Pattern[str]:
+    """Space-initial whole-word occurrences of the list's entries in raw text (as the normalizer
+    finds them): sentencepiece is trained on the text between them, as the BPE model sees it."""
+    entries = sorted(python_tokens(), key=len, reverse=True)
+    words = "|".join(re.escape(t) for t in entries if re.match(r"\w", t[-1]))
+    ops = "|".join(re.escape(t) for t in entries if not re.match(r"\w", t[-1]))
+    return re.compile(rf" (?:(?:{words})(?!\w)|(?:{ops})(?![^\w\s{SPACE}]))")
 
 
 def corpus_texts(corpus, max_pairs: int = 200_000, skips: SkipCounter | None = None) -> list[str]:
