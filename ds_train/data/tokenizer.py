@@ -22,14 +22,15 @@ what every later load reads, with three changes to the pipeline:
   a word that starts a text, like ``def``), appended after the sentencepiece ids. The normalizer
   puts ``WHOLE_WORD`` before an occurrence that no identifier character (for an operator: no other
   operator character) follows, a pre-tokenizer isolates it, and the BPE model takes an isolated
-  word found in its vocabulary as one piece (``ignore_merges``); decoding drops ``WHOLE_WORD``.
+  word found in its vocabulary as one piece (``ignore_merges``); decoding drops a piece's leading
+  ``WHOLE_WORD``.
   Inside a longer word the usual merges apply and give sentencepiece's own pieces, so an
   identifier never borrows the piece of a Python token (``settings`` is not ``set`` + ...).
 - Spaces become ``▁`` in the normalizer, as in sentencepiece.
 
 The partial separation set of a trained tokenizer is its whole-word pieces; of an adapted one, the
 ids of the list's entries present bare or word-initial (``Ġ`` for GPT-2-style byte-level
-vocabularies, ``▁`` for sentencepiece ones). Text containing U+E000 itself does not round-trip.
+vocabularies, ``▁`` for sentencepiece ones). Text holding U+E000 itself may not round-trip.
 A pre-trained tokenizer is adapted as ``lm_trainer.py`` of the original implementation does
 (``adapt_tokenizer``).
 """
@@ -274,17 +275,11 @@ def sentencepiece_settings(vocab_size: int) -> dict:
         "hard_vocab_limit": False,
         "character_coverage": 1.0,
         "byte_fallback": True,
-        "normalization_rule_name": "identity",
-        "remove_extra_whitespaces": False,
-        "add_dummy_prefix": False,
+        "normalization_rule_name": "identity", "remove_extra_whitespaces": False, "add_dummy_prefix": False,
         "allow_whitespace_only_pieces": True,
         "split_digits": True,
         "max_sentence_length": 1 << 16,
-        "pad_id": 0,
-        "pad_piece": PAD,
-        "unk_id": 1,
-        "bos_id": -1,
-        "eos_id": -1,
+        "pad_id": 0, "pad_piece": PAD, "unk_id": 1, "bos_id": -1, "eos_id": -1,
         "user_defined_symbols": list(SPECIAL_TOKENS[1:]),
         "num_threads": min(8, os.cpu_count() or 1),
         "minloglevel": 2,
@@ -356,7 +351,11 @@ def _wrap_sentencepiece(out: Path) -> tuple[PreTrainedTokenizerFast, list[str]]:
     word = rf"{WHOLE_WORD}{SPACE}?(?:\w+|[^\w\s{SPACE}{WHOLE_WORD}]+)"
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(word), "isolated")
     backend.decoder = decoders.Sequence(
-        [decoders.Replace(WHOLE_WORD, ""), backend.decoder, decoders.Replace(_SPACE_BEFORE_MARKER, " ")]
+        [
+            decoders.Replace(Regex(rf"\A{WHOLE_WORD}"), ""),  # per piece, so "<code:PIECE>" names stay apart
+            backend.decoder,
+            decoders.Replace(_SPACE_BEFORE_MARKER, " "),
+        ]
     )
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=backend,
