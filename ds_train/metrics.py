@@ -127,6 +127,9 @@ def plot_loss_curve(run_dir: Path, out: Path) -> Path | None:
     if any("train/loss_text" in r for r in rows):
         pts = [(r["step"], r["train/loss_text"]) for r in rows if "train/loss_text" in r]
         ax.plot(*zip(*pts), label="text-token loss", alpha=0.7)
+    if any("val/loss" in r for r in rows):
+        pts = [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r]
+        ax.plot(*zip(*pts), "o-", label="validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(run_dir.name)

@@ -174,11 +174,27 @@ class Trainer:
     def _prepare(self) -> Prepared:
         try:
             prepared = prepare(self.cfg, self.run_dir, self.dist.is_main)
+            self.train_sources, self.val_sources = self._packed(prepared)
         finally:
             distributed.barrier()
         if self.dist.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml")
         return prepared
+
+    def _packed(self, prepared: Prepared) -> tuple[list[str], list[str]]:
+        """The packed folders to train and validate on: rank 0 packs raw pairs into the run directory
+        once (reused on resume); the other ranks wait for it at the barrier."""
+        from ds_train.data.prepack import ensure_packed, packed_paths
+
+        data = self.cfg.data
+        val = [s.strip() for s in data.val_source.split(",") if s.strip()]
+        jobs = [(prepared.sources, self.run_dir / "packed"), *([(val, self.run_dir / "packed_val")] if val else [])]
+        if not self.dist.is_main:
+            out = [packed_paths(sources, folder) for sources, folder in jobs]
+        else:
+            out = [ensure_packed(sources, prepared.tokenizer_dir, folder, seq_len=data.seq_len,
+                                 drop_overlong=data.drop_overlong) for sources, folder in jobs]
+        return out[0], (out[1] if val else [])
 
     def _build(self, prepared: Prepared) -> None:
         import deepspeed
@@ -248,23 +264,48 @@ class Trainer:
         return found.step, int(meta.get("tokens_seen", 0)), data_state
 
     def _dataloader(self, state: Any):
-        from ds_train.data.stream import RESHAPE_FROM, build_dataloader
+        """The training stream; a saved position resumes with any ranks, workers and micro batch size."""
+        from ds_train.data.stream import build_dataloader
 
         loader = build_dataloader(
-            self.prepared.sources, self.prepared.tokenizer_dir, objective=self.cfg.objective.name,
+            self.train_sources, self.prepared.tokenizer_dir, objective=self.cfg.objective.name,
             seq_len=self.cfg.data.seq_len, micro_batch_size=self.batch.micro, rank=self.dist.rank,
             world_size=self.dist.world_size, num_workers=self.cfg.data.num_workers, seed=self.cfg.run.seed,
-            drop_overlong=self.cfg.data.drop_overlong, corrupt_prob=self.cfg.objective.corrupt_prob,
+            corrupt_prob=self.cfg.objective.corrupt_prob, val_share=self.cfg.data.val_share,
+            val_sources=self.val_sources,
         )
-        if state is not None and loader.needs_reshape(state):  # same ranks, other workers or micro batch
-            saved = state["config"]
-            log.info("data state of %s was written with %d workers and micro batch %d, this run has %d and %d: "
-                     "the stream reshapes it", self.resumed_from.path, saved["num_workers"],
-                     saved["micro_batch_size"], self.cfg.data.num_workers, self.batch.micro)
-            state = {RESHAPE_FROM: checkpoint.saved_data_states(self.resumed_from)}
         if state is not None:
             loader.load_state_dict(state)
         return loader
+
+    def _has_validation(self) -> bool:
+        return bool(self.cfg.data.val_share or self.val_sources)
+
+    def validate(self) -> dict[str, float]:
+        """`val/loss` (and per modality) over the whole validation set, every rank a share of it."""
+        from ds_train.data.stream import validation_batches
+
+        data = self.cfg.data
+        sources = self.val_sources or self.train_sources
+        stats = torch.zeros(4, device=self.dist.device)
+        self.engine.eval()
+        with torch.no_grad():
+            for batch, counts in validation_batches(
+                    sources, self.prepared.tokenizer_dir, objective=self.cfg.objective.name, seq_len=data.seq_len,
+                    micro_batch_size=self.batch.micro, rank=self.dist.rank, world_size=self.dist.world_size,
+                    seed=self.cfg.run.seed, corrupt_prob=self.cfg.objective.corrupt_prob,
+                    val_share=0.0 if self.val_sources else data.val_share):
+                _, batch_stats = self.engine(**self._inputs(batch))
+                if counts:
+                    stats += batch_stats.to(stats.device)
+        self.engine.train()
+        code_sum, code_n, text_sum, text_n = distributed.all_reduce_sum(stats).tolist()
+        out = {"val/loss": (code_sum + text_sum) / max(code_n + text_n, 1.0)}
+        if code_n:
+            out["val/code_loss"] = code_sum / code_n
+        if text_n:
+            out["val/text_loss"] = text_sum / text_n
+        return out
 
     def _install_signal_handlers(self) -> None:
         def request_stop(signum, _frame):
@@ -299,14 +340,17 @@ class Trainer:
                 metrics.add_tokens(step_tokens)
                 metrics.advance()
                 last = step == end
-                log_now = step % cfg.train.log_every == 0 or last
+                every = cfg.eval.every_steps
+                eval_now = self._has_validation() and (last or bool(every and step % every == 0))
+                log_now = step % cfg.train.log_every == 0 or last or eval_now
                 save_now = last or step % cfg.checkpoint.every_steps == 0
                 stop = distributed.any_rank(self.stop_requested)
                 # Losses are checked one step late (no host sync), and all of them before a log or save.
                 self._check_finite(keep=0 if (log_now or save_now or stop) else self.batch.accum)
                 if log_now:
+                    scalars = {**self._scalars(), **(self.validate() if eval_now else {})}
                     row = metrics.report(step, distributed.all_reduce_sum(interval_stats.clone()),
-                                         self._scalars(), steps_in_interval)
+                                         scalars, steps_in_interval)
                     interval_stats.zero_()
                     steps_in_interval = 0
                 if stop or save_now:
@@ -330,7 +374,7 @@ class Trainer:
         return open(folder / f"rank{self.dist.rank}.jsonl", "a")
 
     def _write_trace(self, trace, step: int) -> None:
-        """One line per step: the `_id`s this rank trained on (per micro batch, with its stream consumer)."""
+        """One line per step: the `_id`s this rank trained on (per micro batch)."""
         line = {"step": step, "rank": self.dist.rank, "ids": [i for b in self.trained_ids for i in b["ids"]],
                 "batches": self.trained_ids, "skipped_ids": self.skipped_ids}
         trace.write(json.dumps(line) + "\n")
@@ -372,7 +416,7 @@ class Trainer:
             stats_sum += stats.to(dev)
             done += 1
             self.nonfinite_in_a_row = 0
-            self.trained_ids.append({"consumer": self.loader.consumer, "ids": ids})
+            self.trained_ids.append({"ids": ids})
         return stats_sum
 
     def _inputs(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -462,6 +506,8 @@ def finish(cfg: Config, outcome: Outcome) -> None:
     if row:
         lines.append(f"final loss:   {row.get('train/loss', math.nan):.4f} (code tokens "
                      f"{row.get('train/loss_code', math.nan):.4f})")
+        if "val/loss" in row:
+            lines.append(f"val loss:     {row['val/loss']:.4f} (code tokens {row.get('val/code_loss', math.nan):.4f})")
         lines.append(f"tokens/s:     {row.get('perf/tokens_per_s', 0):,.0f}")
     if outcome.skipped:
         lines.append("data skipped: " + ", ".join(f"{k}={v}" for k, v in outcome.skipped.items())

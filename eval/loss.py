@@ -31,7 +31,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from ds_train.data.pack import BatchSpec
+    from ds_train.data.batch import BatchSpec
     from ds_train.data.sources import Pair, SkipCounter
     from ds_train.model import GPTNeo
 
@@ -121,8 +121,9 @@ def batches(
     skips: SkipCounter,
 ) -> Iterator[dict]:
     """Training's encoding of the pairs, packed and batched (documents never split, overlong ones skipped)."""
+    from ds_train.data.batch import batch_spec, make_batch
     from ds_train.data.encode import Encoder
-    from ds_train.data.pack import Doc, batch_spec, make_batch, pack
+    from ds_train.data.pack import Doc, pack
 
     encoder = Encoder(tokenizer, objective, seed=seed)
     spec = _base_vocab_only(batch_spec(encoder, objective, seq_len), vocab_size)

@@ -155,17 +155,9 @@ def run_pack(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    from ds_train.data.batch import batch_spec, describe_row, make_batch
     from ds_train.data.encode import Encoder
-    from ds_train.data.pack import (
-        Doc,
-        Shard,
-        batch_spec,
-        describe_row,
-        is_packed_dir,
-        make_batch,
-        pack,
-        shard_paths,
-    )
+    from ds_train.data.pack import Doc, Shard, is_packed_dir, pack, shard_paths
     from ds_train.data.sources import SkipCounter, read_pairs
     from ds_train.data.tokenizer import load_tokenizer
 
