@@ -172,29 +172,18 @@ class Trainer:
                 signal.signal(sig, handler)
 
     def _prepare(self) -> Prepared:
+        from ds_train.data.prepack import run_inputs
+
         try:
             prepared = prepare(self.cfg, self.run_dir, self.dist.is_main)
-            self.train_sources, self.val_sources = self._packed(prepared)
+            self.train_sources, self.val_sources = run_inputs(  # rank 0 packs raw pairs; the others wait
+                prepared.sources, self.cfg.data.val_source, prepared.tokenizer_dir, self.run_dir,
+                seq_len=self.cfg.data.seq_len, drop_overlong=self.cfg.data.drop_overlong, pack=self.dist.is_main)
         finally:
             distributed.barrier()
         if self.dist.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml")
         return prepared
-
-    def _packed(self, prepared: Prepared) -> tuple[list[str], list[str]]:
-        """The packed folders to train and validate on: rank 0 packs raw pairs into the run directory
-        once (reused on resume); the other ranks wait for it at the barrier."""
-        from ds_train.data.prepack import ensure_packed, packed_paths
-
-        data = self.cfg.data
-        val = [s.strip() for s in data.val_source.split(",") if s.strip()]
-        jobs = [(prepared.sources, self.run_dir / "packed"), *([(val, self.run_dir / "packed_val")] if val else [])]
-        if not self.dist.is_main:
-            out = [packed_paths(sources, folder) for sources, folder in jobs]
-        else:
-            out = [ensure_packed(sources, prepared.tokenizer_dir, folder, seq_len=data.seq_len,
-                                 drop_overlong=data.drop_overlong) for sources, folder in jobs]
-        return out[0], (out[1] if val else [])
 
     def _build(self, prepared: Prepared) -> None:
         import deepspeed
@@ -256,8 +245,7 @@ class Trainer:
         if found is None:
             return 0, 0, None
         checkpoint.check_compatible(found.meta, self.meta, where=f"checkpoint {found.path}")
-        # Another world size: resharded through DeepSpeed's universal checkpoint; the stream splits the
-        # rest of the saved epoch over this run's ranks (see checkpoint.load_resharded).
+        # Another world size: resharded through DeepSpeed's universal checkpoint; the stream goes on from its position.
         data_state, meta = checkpoint.load(self.engine, found, self.dist.rank, seed=self.cfg.run.seed)
         self.resumed_from = found
         log.info("resumed from %s (step %d)", found.path, found.step)
@@ -278,34 +266,21 @@ class Trainer:
             loader.load_state_dict(state)
         return loader
 
-    def _has_validation(self) -> bool:
-        return bool(self.cfg.data.val_share or self.val_sources)
-
     def validate(self) -> dict[str, float]:
         """`val/loss` (and per modality) over the whole validation set, every rank a share of it."""
-        from ds_train.data.stream import validation_batches
+        from ds_train.data.stream import val_scalars, validation_batches
 
-        data = self.cfg.data
-        sources = self.val_sources or self.train_sources
-        stats = torch.zeros(4, device=self.dist.device)
+        cfg, stats = self.cfg, torch.zeros(4, device=self.dist.device)
         self.engine.eval()
         with torch.no_grad():
             for batch, counts in validation_batches(
-                    sources, self.prepared.tokenizer_dir, objective=self.cfg.objective.name, seq_len=data.seq_len,
-                    micro_batch_size=self.batch.micro, rank=self.dist.rank, world_size=self.dist.world_size,
-                    seed=self.cfg.run.seed, corrupt_prob=self.cfg.objective.corrupt_prob,
-                    val_share=0.0 if self.val_sources else data.val_share):
-                _, batch_stats = self.engine(**self._inputs(batch))
-                if counts:
-                    stats += batch_stats.to(stats.device)
+                    self.val_sources or self.train_sources, self.prepared.tokenizer_dir, objective=cfg.objective.name,
+                    seq_len=cfg.data.seq_len, micro_batch_size=self.batch.micro, rank=self.dist.rank,
+                    world_size=self.dist.world_size, seed=cfg.run.seed, corrupt_prob=cfg.objective.corrupt_prob,
+                    val_share=0.0 if self.val_sources else cfg.data.val_share):
+                stats += self.engine(**self._inputs(batch))[1].to(stats.device) * counts
         self.engine.train()
-        code_sum, code_n, text_sum, text_n = distributed.all_reduce_sum(stats).tolist()
-        out = {"val/loss": (code_sum + text_sum) / max(code_n + text_n, 1.0)}
-        if code_n:
-            out["val/code_loss"] = code_sum / code_n
-        if text_n:
-            out["val/text_loss"] = text_sum / text_n
-        return out
+        return val_scalars(distributed.all_reduce_sum(stats).tolist())
 
     def _install_signal_handlers(self) -> None:
         def request_stop(signum, _frame):
@@ -341,7 +316,7 @@ class Trainer:
                 metrics.advance()
                 last = step == end
                 every = cfg.eval.every_steps
-                eval_now = self._has_validation() and (last or bool(every and step % every == 0))
+                eval_now = bool(cfg.data.val_share or self.val_sources) and (last or bool(every and step % every == 0))
                 log_now = step % cfg.train.log_every == 0 or last or eval_now
                 save_now = last or step % cfg.checkpoint.every_steps == 0
                 stop = distributed.any_rank(self.stop_requested)
@@ -381,7 +356,7 @@ class Trainer:
         trace.flush()
 
     def _report_skips(self) -> None:
-        """Bad or overlong input is skipped and counted by the stream; say so on every rank."""
+        """Bad or overlong input was skipped and counted when the corpus was packed; say so on every rank."""
         counts = self.loader.skip_counts()
         if counts:
             log.warning("rank %d skipped input records: %s", self.dist.rank,

@@ -208,6 +208,12 @@ def test_bad_settings_and_states_are_one_clear_error(tmp_path, packed):
         loader(packed).load_state_dict({"loader": {}, "config": {}})
     with pytest.raises(ValueError, match="no training documents"):
         loader(packed, val_sources=[packed])
+    with pytest.raises(ValueError, match="cannot stream hub dataset 'huawei-noah/python_text2code'"):
+        loader("huawei-noah/python_text2code")
+    before = sorted(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="mix of packed folders and raw pair sources"):
+        loader([packed, CORPUS])
+    assert sorted(tmp_path.iterdir()) == before
 
 
 def test_counter_of_rank_batches_matches_the_global_cut(packed):

@@ -53,3 +53,14 @@ def packed_paths(sources: Sequence[str], out: Path) -> list[str]:
     """The folders ``ensure_packed`` returns, without packing (for the ranks that wait for rank 0)."""
     names = [str(s) for s in sources]
     return names if names and all(is_packed_dir(s) for s in names) else [str(out)]
+
+
+def run_inputs(sources: Sequence[str], val_source: str, tokenizer_dir: str | os.PathLike, run_dir: Path, *,
+               seq_len: int, drop_overlong: bool, pack: bool) -> tuple[list[str], list[str]]:
+    """A run's packed training and validation folders (``RUN_DIR/packed``, ``RUN_DIR/packed_val`` for raw
+    pairs); with ``pack`` (rank 0) they are packed when missing, else only named."""
+    val = [s.strip() for s in val_source.split(",") if s.strip()]
+    jobs = [(list(sources), run_dir / "packed"), (val, run_dir / "packed_val")]
+    out = [(ensure_packed(names, tokenizer_dir, folder, seq_len=seq_len, drop_overlong=drop_overlong)
+            if pack else packed_paths(names, folder)) if names else [] for names, folder in jobs]
+    return out[0], out[1]

@@ -1,7 +1,7 @@
 """The training stream: documents of packed shards, in micro batches whose place follows from the step.
 
 The input is always packed folders (``ds-data pack``; ``ds-train`` packs raw pairs into the run
-directory first, ``ds_train.data.corpus``). Their documents form, per epoch, one global order: a
+directory first, ``ds_train.data.prepack``). Their documents form, per epoch, one global order: a
 permutation drawn from (seed, epoch) of the documents sorted by a hash of their ``_id`` (so the order
 does not depend on how the corpus was packed into shards). The epochs follow each other into one
 endless sequence, cut greedily into micro batches of at most ``micro_batch_size * seq_len`` tokens of
@@ -364,6 +364,10 @@ def build_dataloader(
                        num_workers, seed, corrupt_prob, val_share, [str(v) for v in val_sources])
     tokenizer = load_tokenizer(tokenizer_dir)
     corpus = Corpus(names, "train", val_share, _ids_of(val_sources))
+    if len(corpus) == 0:
+        skipped = ", ".join(f"{k}={v}" for k, v in corpus.skipped.items()) or "none"
+        raise UsageError(f"no training documents in {', '.join(names)}: every pair is longer than seq_len "
+                         f"{seq_len}, or the rest is held out for validation (skipped: {skipped})")
     check_packed(names, seq_len, len(tokenizer))
     encoder = Encoder(tokenizer, objective, seed=seed, corrupt_prob=corrupt_prob)
     loader = StreamLoader(cfg, corpus, batch_spec(encoder, objective, seq_len))
@@ -405,3 +409,15 @@ def validation_batches(
         begin, end = mine[m] if m < len(mine) else cuts[0]
         docs = [corpus.doc(k) for k in range(begin, end)]
         yield make_stream_batch(docs, [0] * len(docs), spec, budget), m < len(mine)
+
+
+def val_scalars(stats: Sequence[float]) -> dict[str, float]:
+    """``val/loss`` (and ``val/code_loss``, ``val/text_loss`` where counted) from the summed
+    ``[code_loss_sum, code_targets, text_loss_sum, text_targets]``."""
+    code_sum, code_n, text_sum, text_n = (float(x) for x in stats)
+    out = {"val/loss": (code_sum + text_sum) / max(code_n + text_n, 1.0)}
+    if code_n:
+        out["val/code_loss"] = code_sum / code_n
+    if text_n:
+        out["val/text_loss"] = text_sum / text_n
+    return out
