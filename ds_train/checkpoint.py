@@ -10,7 +10,8 @@ warning line. `checkpoints/latest` names the newest complete tag and is replaced
 A save that cannot write (full disk, quota, I/O error) raises `CheckpointError` naming the error and the
 previous complete checkpoint, left as it was. A checkpoint written by another number of ranks is loaded
 through DeepSpeed's universal checkpoint: rank 0 converts it once into `step-N/universal/`, every rank
-loads that, and the data stream splits the rest of the saved epoch over the new ranks.
+loads that, and the data stream resumes at the saved position, which every rank saved alike
+(`ds_train.data.stream`).
 """
 
 from __future__ import annotations
@@ -339,8 +340,8 @@ def _short(v: Any) -> str:
 def load(engine, found: Found, rank: int, seed: int = 0) -> tuple[Any, dict[str, Any]]:
     """Load engine state, then this rank's data and RNG state. Returns (data_state, meta).
 
-    A checkpoint of another world size is resharded (`load_resharded`): the data state returned is
-    then ``{"reshape_from": [every saved rank's data state]}``, which the stream splits over this run.
+    A checkpoint of another world size is resharded (`load_resharded`). The data state is the stream's
+    position, the same in every rank's file: any number of ranks resumes from it.
     """
     stage, ours = found.meta.get("zero_stage"), engine.zero_optimization_stage()
     if stage is not None and stage != ours:  # DeepSpeed 0.19 loads neither the files nor their universal form
@@ -373,7 +374,7 @@ def load_resharded(engine, found: Found, rank: int, seed: int) -> tuple[Any, dic
         load_path, _ = engine.load_checkpoint(str(found.path.parent), tag=found.tag)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {found.path}")
-    data_states = saved_data_states(found)
+    data_state = torch.load(found.path / "data_rank0.pt", weights_only=True)  # the same on every rank
     rng_file = found.path / f"rng_rank{rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
@@ -382,13 +383,7 @@ def load_resharded(engine, found: Found, rank: int, seed: int) -> tuple[Any, dic
         log.info("rank %d has no saved RNG state in %s (written by %d ranks): RNG seeded with %d, "
                  "derived from run.seed %d, step %d and the rank", rank, found.path, saved, derived, seed,
                  found.step)
-    return {"reshape_from": data_states}, found.meta
-
-
-def saved_data_states(found: Found) -> list[dict]:
-    """Every saved rank's data state, by rank (for `ds_train.data.stream.reshape`)."""
-    return [torch.load(found.path / f"data_rank{r}.pt", weights_only=True)
-            for r in range(int(found.meta.get("world_size", 1)))]
+    return data_state, found.meta
 
 
 def seed_rng(seed: int, step: int, rank: int) -> int:

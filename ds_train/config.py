@@ -73,6 +73,11 @@ class DataConfig:
     """Append the `_id`s each rank trained on, one JSON line per step, to RUN_DIR/trace/rank{r}.jsonl
     (an audit of "every example once per epoch" across kills and resumes; a resumed run re-writes the
     steps after its checkpoint, so the last line of a step counts)."""
+    val_share: float = 0.0
+    """Held-out share of the corpus for the validation loss, chosen by a hash of each pair's `_id` (the
+    same pairs in every run, rank count and resume; they never train). 0 = none."""
+    val_source: str = ""
+    """A validation corpus (pair files or a packed folder) instead of `val_share`; its `_id`s never train."""
 
 
 @dataclass
@@ -167,6 +172,13 @@ class ExportConfig:
 
 
 @dataclass
+class EvalConfig:
+    every_steps: int = 0
+    """Steps between validation losses (`val/loss`) when `data.val_share` or `data.val_source` is set;
+    0 = after the last step only."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -176,6 +188,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -256,6 +269,9 @@ def _value_problems(cfg: Config, has_gpu: bool) -> list[str]:
     need(cfg.data.vocab_size >= 300, f"data.vocab_size={cfg.data.vocab_size}: must be at least 300")
     need(cfg.data.num_workers >= 0, "data.num_workers must not be negative")
     need(cfg.data.mine_limit >= 0, "data.mine_limit must not be negative")
+    need(0 <= cfg.data.val_share < 1, f"data.val_share={cfg.data.val_share}: expected 0 <= share < 1")
+    need(not (cfg.data.val_share and cfg.data.val_source), "data.val_share and data.val_source: set one of them")
+    need(cfg.eval.every_steps >= 0, "eval.every_steps must not be negative")
     need(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr}: must be positive")
     need(0 <= cfg.optim.min_lr <= cfg.optim.lr, f"optim.min_lr={cfg.optim.min_lr}: must be within 0..optim.lr")
     need(0 <= cfg.optim.warmup_ratio < 1, f"optim.warmup_ratio={cfg.optim.warmup_ratio}: expected 0..1")

@@ -154,6 +154,9 @@ def plot_loss_curve(run_dir: Path, out: Path) -> Path | None:
     if any("train/loss_text" in r for r in rows):
         pts = [(r["step"], r["train/loss_text"]) for r in rows if "train/loss_text" in r]
         ax.plot(*zip(*pts), label="text-token loss", alpha=0.7)
+    if any("val/loss" in r for r in rows):
+        pts = [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r]
+        ax.plot(*zip(*pts), "o-", label="validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(run_dir.name)
@@ -224,6 +227,9 @@ def summary_lines(cfg: Config, outcome: Any, export_dir: Path | None, png: Path 
     if row:
         lines.append(f"final loss:   {row.get('train/loss', float('nan')):.4f} (code tokens "
                      f"{row.get('train/loss_code', float('nan')):.4f})")
+        if "val/loss" in row:
+            lines.append(f"val loss:     {row['val/loss']:.4f} (code tokens "
+                         f"{row.get('val/code_loss', float('nan')):.4f})")
     if outcome.tokens_per_s:
         lines.append(f"tokens/s:     {outcome.tokens_per_s:,.0f} useful, {outcome.raw_tokens_per_s:,.0f} with "
                      "padding (average over this invocation's steps)")

@@ -38,7 +38,8 @@ from ds_train.config import (
     save_config,
 )
 from ds_train.config_cli import parse_args, print_config
-from ds_train.data.stream import RESHAPE_FROM, build_dataloader
+from ds_train.data.prepack import run_inputs
+from ds_train.data.stream import build_dataloader, val_scalars, validation_batches
 from ds_train.data.tokenizer import load_tokenizer, separated_ids
 from ds_train.distributed import DistInfo
 from ds_train.export import export_checkpoint
@@ -165,7 +166,11 @@ class Trainer:
 
     def _prepare(self) -> Prepared:
         try:
-            return prepare(self.cfg, self.run_dir, self.dist.is_main)
+            prepared = prepare(self.cfg, self.run_dir, self.dist.is_main)
+            self.train_sources, self.val_sources = run_inputs(  # rank 0 packs raw pairs; the others wait
+                prepared.sources, self.cfg.data.val_source, prepared.tokenizer_dir, self.run_dir,
+                seq_len=self.cfg.data.seq_len, drop_overlong=self.cfg.data.drop_overlong, pack=self.dist.is_main)
+            return prepared
         finally:
             distributed.barrier()
 
@@ -223,8 +228,7 @@ class Trainer:
         if found is None:
             return 0, 0, None
         checkpoint.check_compatible(found.meta, self.meta, where=f"checkpoint {found.path}")
-        # Another world size: resharded through DeepSpeed's universal checkpoint; the stream splits the
-        # rest of the saved epoch over this run's ranks (see checkpoint.load_resharded).
+        # Another world size: resharded through DeepSpeed's universal checkpoint; the stream goes on from its position.
         data_state, meta = checkpoint.load(self.engine, found, self.dist.rank, seed=self.cfg.run.seed)
         self.resumed_from = found
         log.info("resumed from %s (step %d)", found.path, found.step)
@@ -247,20 +251,29 @@ class Trainer:
 
     def _dataloader(self, state: Any):
         loader = build_dataloader(
-            self.prepared.sources, self.prepared.tokenizer_dir, objective=self.cfg.objective.name,
+            self.train_sources, self.prepared.tokenizer_dir, objective=self.cfg.objective.name,
             seq_len=self.cfg.data.seq_len, micro_batch_size=self.batch.micro, rank=self.dist.rank,
             world_size=self.dist.world_size, num_workers=self.cfg.data.num_workers, seed=self.cfg.run.seed,
-            drop_overlong=self.cfg.data.drop_overlong, corrupt_prob=self.cfg.objective.corrupt_prob,
+            corrupt_prob=self.cfg.objective.corrupt_prob, val_share=self.cfg.data.val_share,
+            val_sources=self.val_sources,
         )
-        if state is not None and loader.needs_reshape(state):  # same ranks, other workers or micro batch
-            saved = state["config"]
-            log.info("data state of %s was written with %d workers and micro batch %d, this run has %d and %d: "
-                     "the stream reshapes it", self.resumed_from.path, saved["num_workers"],
-                     saved["micro_batch_size"], self.cfg.data.num_workers, self.batch.micro)
-            state = {RESHAPE_FROM: checkpoint.saved_data_states(self.resumed_from)}
         if state is not None:
             loader.load_state_dict(state)
         return loader
+
+    def validate(self) -> dict[str, float]:
+        """`val/loss` (and per modality) over the whole validation set, every rank a share of it."""
+        cfg, stats = self.cfg, torch.zeros(4, device=self.dist.device)
+        self.engine.eval()
+        with torch.no_grad():
+            for batch, counts in validation_batches(
+                    self.val_sources or self.train_sources, self.prepared.tokenizer_dir, objective=cfg.objective.name,
+                    seq_len=cfg.data.seq_len, micro_batch_size=self.batch.micro, rank=self.dist.rank,
+                    world_size=self.dist.world_size, seed=cfg.run.seed, corrupt_prob=cfg.objective.corrupt_prob,
+                    val_share=0.0 if self.val_sources else cfg.data.val_share):
+                stats += self.engine(**self._inputs(batch))[1].to(stats.device) * counts
+        self.engine.train()
+        return val_scalars(distributed.all_reduce_sum(stats).tolist())
 
     def _install_signal_handlers(self) -> None:
         def request_stop(signum, _frame):
@@ -297,15 +310,18 @@ class Trainer:
                 metrics.add_tokens(step_tokens)
                 metrics.advance()
                 last = step == end
-                log_now = step % cfg.train.log_every == 0 or last
+                every = cfg.eval.every_steps
+                eval_now = bool(cfg.data.val_share or self.val_sources) and (last or bool(every and step % every == 0))
+                log_now = step % cfg.train.log_every == 0 or last or eval_now
                 save_now = last or step % cfg.checkpoint.every_steps == 0
                 stop = distributed.any_rank(self.stop_requested)
                 # Losses are checked one step late (no host sync), and all of them before a log or save.
                 self._check_finite(keep=0 if (log_now or save_now or stop) else self.batch.accum)
                 if log_now:
+                    scalars = {**self._scalars(), **(self.validate() if eval_now else {})}
                     useful = torch.tensor([float(self.useful_tokens)], device=dev)
                     row = metrics.report(step, distributed.all_reduce_sum(torch.cat([interval_stats, useful])),
-                                         self._scalars(), steps_in_interval)
+                                         scalars, steps_in_interval)
                     interval_stats.zero_()
                     self.useful_tokens = steps_in_interval = 0
                 if stop or save_now:
@@ -330,14 +346,14 @@ class Trainer:
         return open(folder / f"rank{self.dist.rank}.jsonl", "a")
 
     def _write_trace(self, trace, step: int) -> None:
-        """One line per step: the `_id`s this rank trained on (per micro batch, with its stream consumer)."""
+        """One line per step: the `_id`s this rank trained on (per micro batch)."""
         line = {"step": step, "rank": self.dist.rank, "ids": [i for b in self.trained_ids for i in b["ids"]],
                 "batches": self.trained_ids, "skipped_ids": self.skipped_ids}
         trace.write(json.dumps(line) + "\n")
         trace.flush()
 
     def _report_skips(self) -> None:
-        """Bad or overlong input is skipped and counted by the stream; say so on every rank."""
+        """Bad or overlong input was skipped and counted when the corpus was packed; say so on every rank."""
         counts = self.loader.skip_counts()
         if counts:
             log.warning("rank %d skipped input records: %s", self.dist.rank,
@@ -377,7 +393,7 @@ class Trainer:
                 int((batch["input_ids"] != self.model_config.pad_token_id).sum())
             done += 1
             self.nonfinite_in_a_row = 0
-            self.trained_ids.append({"consumer": self.loader.consumer, "ids": ids})
+            self.trained_ids.append({"ids": ids})
         return stats_sum
 
     def _log_expected_epochs(self, batch: dict) -> None:

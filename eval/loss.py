@@ -28,8 +28,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ds_train import hf
+from ds_train.data.batch import BatchSpec, batch_spec, make_batch
 from ds_train.data.encode import Encoder, check_objective
-from ds_train.data.pack import BatchSpec, Doc, batch_spec, make_batch, pack
+from ds_train.data.pack import Doc, pack
 from ds_train.data.sources import Pair, SkipCounter, read_pairs
 from ds_train.data.tokenizer import load_tokenizer
 from ds_train.errors import UsageError, first_line, refuse

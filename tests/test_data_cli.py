@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from ds_train.data.cli import main
+from ds_train.config import Config
+from ds_train.data.cli import build_parser, main
+from ds_train.data.codec import delinearize, linearize
 from ds_train.data.encode import Encoder
-from ds_train.data.sources import read_pairs
+from ds_train.data.sources import Pair, read_pairs
+from ds_train.data.tokenizer import DEFAULT_VOCAB_SIZE
 
 ASSETS = Path(__file__).parent / "assets"
 TOKENIZER = ASSETS / "tokenizer"
@@ -64,9 +67,38 @@ def test_tokenizer_and_mine_subcommands(tmp_path: Path) -> None:
     pairs = tmp_path / "pairs.jsonl"
     assert run(f"mine {src} --out {pairs} --no-progress --min-code-tokens 1 --min-docstring-chars 1") == 0
     assert [p.id for p in read_pairs(pairs)]
-    assert run(f"tokenizer --corpus {CORPUS} --out {tmp_path / 'tok'} --vocab-size 600") == 0
+    assert run(f"tokenizer --corpus {CORPUS} {pairs} --out {tmp_path / 'tok'} --vocab-size 600") == 0
     assert (tmp_path / "tok" / "separation.json").is_file()
-    assert len(AutoTokenizer.from_pretrained(tmp_path / "tok")) == 600
+    assert 590 <= len(AutoTokenizer.from_pretrained(tmp_path / "tok")) <= 600
+    args = build_parser().parse_args(f"tokenizer --corpus {CORPUS} --out x".split())
+    assert args.vocab_size == DEFAULT_VOCAB_SIZE == Config().data.vocab_size
+
+
+def test_encode_never_destroys_an_existing_file(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "enc.jsonl"
+    out.write_text("precious\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"_id": "a", "docstring": "d", "code": "x = 1"}) + "\n{broken\n")
+    assert run(f"encode --tokenizer {TOKENIZER} --in {bad} --out {out}") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ds-data encode: error: nothing to write")
+    assert out.read_text() == "precious\n" and sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "enc.jsonl"]
+    assert run(f"encode --tokenizer {TOKENIZER} --in {CORPUS} --out {out}") == 0
+    assert len(out.read_text().splitlines()) == len(list(read_pairs(CORPUS)))
+
+
+def test_encode_linearizes_raw_python(tmp_path: Path) -> None:
+    pairs = list(read_pairs(CORPUS))[:40]
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text(
+        "".join(json.dumps({"_id": p.id, "docstring": p.docstring, "code": delinearize(p.code)}) + "\n" for p in pairs)
+    )
+    out = tmp_path / "enc.jsonl"
+    assert run(f"encode --tokenizer {TOKENIZER} --in {raw} --out {out}") == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    linearized = [Pair(p.id, p.docstring, linearize(delinearize(p.code))) for p in pairs]
+    expected = Encoder(AutoTokenizer.from_pretrained(TOKENIZER)).encode(linearized)
+    assert [r["input_ids"] for r in records] == [e.input_ids for e in expected]
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Packing: document boundaries, positions, targets, best fit, overlong pairs, state, shards."""
+"""Packing: document boundaries, positions, targets, best fit, overlong pairs, state, shards, and a
+failed `ds-data pack` leaving an existing output as it was."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from ds_train.data.batch import batch_spec, make_batch
 from ds_train.data.encode import Encoder
-from ds_train.data.pack import Doc, Packer, Shard, batch_spec, make_batch, pack, pack_corpus, shard_paths
+from ds_train.data.pack import Doc, Packer, Shard, pack, pack_corpus, read_meta, shard_paths
 from ds_train.data.sources import SkipCounter, read_pairs
 
 ASSETS = Path(__file__).parent / "assets"
@@ -107,12 +109,17 @@ def test_shards_hold_the_rows_packed_on_the_fly(tmp_path: Path, encoder, docs) -
     expected = list(pack(docs, 512, buffer_rows=4))
     shards = [Shard(p) for p in shard_paths(tmp_path)]
     assert meta["rows"] == len(expected) == sum(len(s) for s in shards)
-    assert meta["skipped"] == {"too_long": 1} and meta["docs"] == len(docs)
+    assert meta["skipped"] == _too_long(docs, 512) and meta["docs"] == len(docs)
     for i, row in enumerate(expected):
         got = shards[i % 3].row(i // 3)
         assert got.ids == row.ids
         assert np.array_equal(got.input_ids, row.input_ids) and np.array_equal(got.segments, row.segments)
         assert np.array_equal(got.doc_lengths, row.doc_lengths)
+
+
+def _too_long(docs, seq_len: int) -> dict[str, int]:
+    n = sum(len(d) > seq_len for d in docs)
+    return {"too_long": n} if n else {}
 
 
 def test_parallel_packing_holds_every_document_once(tmp_path: Path, docs) -> None:
@@ -122,8 +129,30 @@ def test_parallel_packing_holds_every_document_once(tmp_path: Path, docs) -> Non
     rows = [s.row(i) for s in map(Shard, shard_paths(tmp_path)) for i in range(len(s))]
     packed_ids = [pair_id for row in rows for pair_id in row.ids]
     assert sorted(packed_ids) == sorted(d.id for d in docs if len(d) <= 512)
-    assert meta["pairs"] == 325 and meta["docs"] == len(docs) and meta["skipped"] == {"too_long": 1}
+    assert meta["pairs"] == 325 and meta["docs"] == len(docs) and meta["skipped"] == _too_long(docs, 512)
     assert meta["rows"] == len(rows) and meta["tokens"] == sum(len(r.input_ids) for r in rows)
     laid = {d.id: d for d in docs}
     for row in rows:
         assert row.input_ids.tolist() == [t for pair_id in row.ids for t in laid[pair_id].ids.tolist()]
+
+
+def test_a_failed_pack_leaves_the_existing_output_and_no_scratch(tmp_path: Path) -> None:
+    out = tmp_path / "packed"
+    first = pack_corpus(ASSETS / "tiny_pairs.jsonl", ASSETS / "tokenizer", out, seq_len=128, num_shards=2)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"_id": "x"}\n')  # no valid pair: packing fails after it started writing
+    with pytest.raises(ValueError, match="no valid pairs"):
+        pack_corpus(empty, ASSETS / "tokenizer", out, seq_len=128, num_shards=3)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "packed"]
+    # A successful pack replaces it whole: no shard of the old layout is left behind.
+    pack_corpus(ASSETS / "tiny_pairs.jsonl", ASSETS / "tokenizer", out, seq_len=128, num_shards=3)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["meta.json", *(p.name for p in shard_paths(out))])
+    assert read_meta(out)["docs"] == first["docs"] and read_meta(out)["num_shards"] == 3
+    user = tmp_path / "notes"
+    user.mkdir()
+    (user / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="exists and is not a packed folder"):
+        pack_corpus(ASSETS / "tiny_pairs.jsonl", ASSETS / "tokenizer", user, seq_len=128)
+    assert (user / "keep.txt").read_text() == "mine"

@@ -313,3 +313,63 @@ def test_cli_missing_path_is_one_error_line_and_exit_2(
     assert err.count("\n") == 1 and "path does not exist" in err and "Traceback" not in err
     assert run(parse([str(tmp_path), "--out", str(tmp_path), "--no-progress"])) == 2
     assert "output path is a directory" in capsys.readouterr().err
+
+
+def test_summary_prints_as_one_readable_line(tmp_path: Path) -> None:
+    src = write_good_tree(tmp_path / "src")
+    summary = mine([src], tmp_path / "pairs.jsonl", min_code_tokens=0, progress=False)
+    text = f"corpus: {summary}"
+    assert text.startswith(f"corpus: mined {summary.kept} pairs from 3 files") and "\n" not in text
+    assert "MineSummary(" not in text and "Counter(" not in text and "PosixPath(" not in text
+    summary.fitted(5, 2, 512)
+    assert str(summary).endswith("; kept 5 that fit 512-token rows (2 left out as longer)")
+
+
+def test_prepare_keeps_the_mined_pairs_that_fit_a_row(tmp_path: Path) -> None:
+    """The default job's corpus: a pool is mined, the tokenizer trained on it, and the pairs kept
+    are the first ones whose layout fits ``seq_len`` tokens (counted here with the tokenizer itself)."""
+    from ds_train.config import Config
+    from ds_train.data.encode import Encoder
+    from ds_train.data.sources import read_pairs
+    from ds_train.data.tokenizer import load_tokenizer
+    from ds_train.prepare import prepare
+
+    cfg = Config()
+    cfg.data.mine_paths = [str(Path(sysconfig.get_paths()["stdlib"]) / name) for name in ("json", "email")]
+    cfg.data.mine_limit, cfg.data.seq_len, cfg.data.vocab_size = 120, 400, 800
+    prepared = prepare(cfg, tmp_path, True)
+    pool = list(read_pairs(tmp_path / "data" / "mined.jsonl"))
+    kept = list(read_pairs(prepared.sources))
+    assert len(pool) == 150
+    encoder = Encoder(load_tokenizer(prepared.tokenizer_dir))
+    lengths = {pid: len(ids) for pid, ids, _ in encoder.layout(pool)}
+    fitting = [p.id for p in pool if lengths[p.id] <= 400]
+    assert len(fitting) < len(pool)  # the filter has something to do at this row length
+    assert [p.id for p in kept] == fitting[:120]
+    again = prepare(cfg, tmp_path, True)  # a re-run reuses both
+    assert list(read_pairs(again.sources)) == kept
+
+
+def test_prepare_trains_the_tokenizer_on_every_source(tmp_path: Path) -> None:
+    from ds_train.config import Config
+    from ds_train.data.tokenizer import load_tokenizer, train_tokenizer
+    from ds_train.prepare import prepare
+
+    lines = (Path(__file__).parent / "assets" / "tiny_pairs.jsonl").read_text().splitlines()
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("\n".join(lines[:150]) + "\n")
+    second.write_text("\n".join(lines[150:]) + "\n")
+    cfg = Config()
+    cfg.data.source, cfg.data.vocab_size = f"{first},{second}", 700
+    prepared = prepare(cfg, tmp_path / "run", True)
+    assert prepared.sources == [str(first), str(second)]
+    tok = load_tokenizer(prepared.tokenizer_dir)
+    assert 690 <= len(tok) <= 700
+    # Both files were read: the vocabulary differs from one trained on the first file alone.
+    assert tok.get_vocab() != train_tokenizer(first, tmp_path / "first_only", 700).get_vocab()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"_id": "x", "docstring": "d", "code": "x = 1"}) + "\n")
+    cfg.data.source = str(bad)
+    with pytest.raises(ValueError, match="no usable .* pair"):
+        prepare(cfg, tmp_path / "run2", True)
+    assert not (tmp_path / "run2" / "tokenizer").exists()

@@ -1,18 +1,19 @@
-"""Resuming on another number of ranks (issue #8), with the real DeepSpeed engine on the CPU (gloo).
+"""Resuming on another number of ranks, with the real DeepSpeed engine on the CPU (gloo).
 
-(a) ZeRO-2 and ZeRO-0, world size 2 stopped at step 3, resumed by one process; (b) ZeRO-3, one process
+(a) ZeRO-0, 1 and 2, world size 2 stopped at step 3, resumed by one process; (b) ZeRO-3, one process
 to step 3, resumed by two ranks under the deepspeed launcher. Each resumed run must:
 
 - start at step 4 (a: with the engine's fp32 master weights, Adam moments and step count equal to the
   ones saved at step 3, read from the saved files directly and checked against DeepSpeed's
   `zero_to_fp32`);
 - train steps 4-6 with the losses of a plain PyTorch AdamW continued from the saved weights, moments
-  and schedule on the batches the resharded stream hands out (the batches each new rank trained on
-  are checked against the trace of `_id`s);
+  and schedule on the batches the stream hands out from the saved position (the batches each new rank
+  trained on are checked against the trace of `_id`s);
 - together with the saved run, see every pair of the first epoch once: none twice, none dropped;
 - stay near the losses of an uninterrupted run of the same global batch (the data order differs).
 
-A data-only test checks the split itself for pre-packed shards and raw pairs with dataloader workers.
+(c) one rank resumed with dataloader workers and another micro batch size (the same global batch): every
+pair of the first epoch once. The data-only checks of the split are in test_data_stream.py.
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ import pytest
 import torch
 
 from ds_train.config import load_config
-from ds_train.data.pack import pack_corpus, read_meta
-from ds_train.data.stream import RESHAPE_FROM, build_dataloader
+from ds_train.data.stream import STATE_FORMAT, build_dataloader
 from ds_train.train import TENSOR_KEYS, main
 from tests.test_faults import _layout_lengths, in_process  # noqa: F401 (fixture: a world of one in-process)
 from tests.test_train import ASSETS, _launch_two_ranks, losses, overrides
@@ -134,24 +134,20 @@ def _engine_state(trainer) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def _new_rank_rows(run_dir: Path, step_dir: Path, world: int, rank: int):
-    """The rows rank `rank` of `world` ranks reads after resuming `step_dir`: (batch of one row, epoch)."""
+def _new_rank_batches(run_dir: Path, step_dir: Path, world: int, rank: int, micro: int = 2, workers: int = 0):
+    """The micro batches rank `rank` of `world` ranks reads after resuming `step_dir`: (batch, epoch)."""
     cfg = load_config(None, overrides(run_dir, **SETTINGS))
     loader = build_dataloader(
-        [cfg.data.source], cfg.data.tokenizer, objective=cfg.objective.name, seq_len=cfg.data.seq_len,
-        micro_batch_size=1, rank=rank, world_size=world, seed=cfg.run.seed,
+        [str(run_dir / "packed")], cfg.data.tokenizer, objective=cfg.objective.name, seq_len=cfg.data.seq_len,
+        micro_batch_size=micro, rank=rank, world_size=world, num_workers=workers, seed=cfg.run.seed,
         corrupt_prob=cfg.objective.corrupt_prob)
-    saved = [torch.load(p, weights_only=True) for p in sorted(step_dir.glob("data_rank*.pt"))]
-    loader.load_state_dict({RESHAPE_FROM: saved})
+    loader.load_state_dict(torch.load(step_dir / "data_rank0.pt", weights_only=True))
     for batch in loader:
         yield batch, loader.epoch
 
 
-def _stack(rows: list[dict]) -> dict:
-    """One micro batch from batches of one row each (every row is padded to seq_len)."""
-    out = {k: torch.cat([r[k] for r in rows]) for k in TENSOR_KEYS}
-    out["ids"] = [i for r in rows for row in r["ids"] for i in row]
-    return out
+def _ids(batch: dict) -> list[str]:
+    return [i for row in batch["ids"] for i in row]
 
 
 def _plain_continuation(run_dir: Path, step_dir: Path, saved: dict, world: int, steps: int):
@@ -176,18 +172,18 @@ def _plain_continuation(run_dir: Path, step_dir: Path, saved: dict, world: int, 
     for group, lr in zip(opt.param_groups, saved_sched["_last_lr"]):
         group["lr"] = lr
     accum = 4 // (2 * world)
-    rows = [_new_rank_rows(run_dir, step_dir, world, r) for r in range(world)]
+    rows = [_new_rank_batches(run_dir, step_dir, world, r) for r in range(world)]
     out, ids = [], {}
     for step in range(K + 1, K + 1 + steps):
         opt.zero_grad()
         total = torch.zeros(4)
         for _ in range(accum):
             for rank, it in enumerate(rows):
-                batch = _stack([next(it)[0] for _ in range(2)])
+                batch = next(it)[0]
                 loss, stats = model(**{k: batch[k] for k in TENSOR_KEYS})
                 (loss / (world * accum)).backward()
                 total += stats
-                ids.setdefault((rank, step), []).extend(batch["ids"])
+                ids.setdefault((rank, step), []).extend(_ids(batch))
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
         sched.step()
@@ -199,18 +195,17 @@ def _plain_continuation(run_dir: Path, step_dir: Path, saved: dict, world: int, 
 
 
 def _check_epoch_once(trained: list[str], rest: list, fitting: set[str]) -> None:
-    """The `_id`s trained before and after the resume, then the new ranks' rows up to the end of their
-    first epoch, hold every fitting pair once. A row is labelled with the epoch in which it was closed,
-    so the first row of the next epoch may still carry documents of this one: it counts for coverage,
-    not for repeats."""
+    """The `_id`s trained before and after the resume, then the new ranks' micro batches up to the end of
+    the first epoch, hold every fitting pair once. The micro batch that crosses into the next epoch holds
+    documents of both: it counts for coverage, not for repeats."""
     seen = list(trained)
     boundary: list[str] = []
     for it in rest:
         for batch, epoch in it:
             if epoch > 0:
-                boundary += batch["ids"][0]
+                boundary += _ids(batch)
                 break
-            seen += batch["ids"][0]
+            seen += _ids(batch)
     repeated = [i for i, n in Counter(seen).items() if n > 1]
     assert not repeated, f"pairs trained twice in the first epoch: {repeated[:5]}"
     assert set(seen) <= fitting
@@ -251,11 +246,11 @@ def uninterrupted(tmp_path_factory, request) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 @pytest.mark.usefixtures("in_process")
 def test_two_ranks_resumed_by_one(stage, tmp_path, uninterrupted, fitting_ids, caplog, capfd):
-    """(a) World size 2 to step 3, then one process to step 6 (ZeRO-2: through the universal checkpoint;
-    ZeRO-0: nothing partitioned, loaded as it is)."""
+    """(a) World size 2 to step 3, then one process to step 6 (ZeRO-1 and 2: through the universal
+    checkpoint; ZeRO-0: nothing partitioned, loaded as it is)."""
     from ds_train import distributed
     from ds_train.train import Trainer
 
@@ -281,7 +276,7 @@ def test_two_ranks_resumed_by_one(stage, tmp_path, uninterrupted, fitting_ids, c
     trainer._build(trainer._prepare())
     with caplog.at_level(logging.INFO):
         step, _, data_state = trainer._resume()
-    assert step == K and len(data_state[RESHAPE_FROM]) == 2
+    assert step == K and data_state["format"] == STATE_FORMAT
     assert any("resharding it from 2 to 1 ranks" in r.getMessage() for r in caplog.records)
     loaded = _engine_state(trainer)
     for key in STATE_KEYS:
@@ -323,176 +318,29 @@ def test_one_rank_resumed_by_two(tmp_path, uninterrupted, fitting_ids):
 
 
 @pytest.mark.usefixtures("in_process")
-def test_one_rank_resumed_with_other_workers(tmp_path, fitting_ids, caplog):
-    """The same one rank, dataloader workers 0 to step 3, then 2 workers to step 6: the stream's consumers
-    changed, so the saved data state is reshaped; the steps before and after the change, then the rest of
-    the epoch read from the step-6 state, hold every fitting pair of the first epoch once."""
+def test_one_rank_resumed_with_other_workers_and_micro_batch(tmp_path, fitting_ids, caplog):
+    """The same one rank, micro batch 2 and no dataloader workers to step 3, then micro batch 1 (4 micro
+    batches a step, the same global batch) and 2 workers to step 6: the steps before and after the
+    change, then the rest of the epoch read from the step-6 state, hold every fitting pair once."""
     run_dir = tmp_path / "run"
     assert main(overrides(run_dir, train__stop_at_step=K, **SETTINGS)) == 0
     with caplog.at_level(logging.INFO):
-        assert main(overrides(run_dir, data__num_workers=2, **SETTINGS)) == 0
-    messages = [r.getMessage() for r in caplog.records]
-    assert any("written with 0 workers and micro batch 2, this run has 2 and 2: the stream reshapes it" in m
-               for m in messages)
-    assert any(f"(step {K})" in m and m.startswith("resumed from") for m in messages)
+        assert main(overrides(run_dir, data__num_workers=2, train__micro_batch_size=1, **SETTINGS)) == 0
+    assert any(f"(step {K})" in r.getMessage() and r.getMessage().startswith("resumed from")
+               for r in caplog.records)
     trace = _trace(run_dir)
     assert sorted(line["step"] for line in trace) == list(range(1, N + 1))
+    assert [len(line["batches"]) for line in trace] == [2] * K + [4] * (N - K)
     trained = [i for line in trace for i in line["ids"]]
-
-    cfg = load_config(None, overrides(run_dir, data__num_workers=2, **SETTINGS))
-    loader = build_dataloader(
-        [cfg.data.source], cfg.data.tokenizer, objective=cfg.objective.name, seq_len=cfg.data.seq_len,
-        micro_batch_size=cfg.train.micro_batch_size, rank=0, world_size=1, num_workers=2, seed=cfg.run.seed,
-        corrupt_prob=cfg.objective.corrupt_prob)
-    loader.load_state_dict(torch.load(run_dir / "checkpoints" / f"step-{N}" / "data_rank0.pt", weights_only=True))
-    rest, boundary, _ = _read_first_epoch(loader)
-    loader.close()
-    seen = trained + [i for row in rest for i in row]
-    repeated = [i for i, n in Counter(seen).items() if n > 1]
-    assert not repeated, f"pairs trained twice in the first epoch: {repeated[:5]}"
-    assert set(seen) <= fitting_ids
-    dropped = fitting_ids - set(seen) - {i for row in boundary for i in row}
-    assert not dropped, f"pairs of the first epoch never trained: {sorted(dropped)[:5]}"
+    rest = _new_rank_batches(run_dir, run_dir / "checkpoints" / f"step-{N}", 1, 0, micro=1, workers=2)
+    _check_epoch_once(trained, [rest], fitting_ids)
+    rest.close()
 
 
-# ---------------------------------------------------------------------------------------------- the split
-
-
-@pytest.fixture(scope="module")
-def packed(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("packed")
-    pack_corpus(ASSETS / "tiny_pairs.jsonl", ASSETS / "tokenizer", out, seq_len=SEQ_LEN, num_shards=3,
-                pack_buffer=2)
-    return out
-
-
-def _loader(source: Path, rank: int, world: int, workers: int):
-    return build_dataloader([str(source)], ASSETS / "tokenizer", objective="code_clm", seq_len=SEQ_LEN,
-                            micro_batch_size=1, rank=rank, world_size=world, num_workers=workers, seed=7,
-                            shuffle_block=16)
-
-
-def _read_first_epoch(loader, limit: int = 800) -> tuple[list[list[str]], list[list[str]], dict[str, int]]:
-    """From a rank's raw batches (they show each row's consumer and epoch): the rows of epoch 0, each
-    consumer's first batch of epoch 1, and the skip counts of epoch 0 summed over the consumers, as
-    those first batches of epoch 1 report them (epoch 0's last records are read after its last batch)."""
-    first, boundary, skips = [], [], {}
-    for n, batch in enumerate(loader.loader):
-        if batch["_consumer"] in skips:
-            continue
-        if batch["_epoch"] > 0:
-            boundary += batch["ids"]
-            skips[batch["_consumer"]] = batch["_skips"]
-            if len(skips) == max(loader.cfg.num_workers, 1):
-                break
-        else:
-            first += batch["ids"]
-        assert n < limit, "the epoch did not end"
-    return first, boundary, dict(sum((Counter(c) for c in skips.values()), Counter()))
-
-
-@pytest.mark.parametrize("kind", ["packed", "raw"])
-@pytest.mark.parametrize("new_world,new_workers", [(3, 0), (1, 2)])
-def test_reshaped_stream_finishes_the_epoch_once(kind, new_world, new_workers, packed, fitting_ids):
-    """2 ranks x 2 workers read 5 and 7 rows; then 3 ranks (or 1 rank x 2 workers) finish the epoch:
-    every row (pre-packed) or fitting pair (raw) of the epoch is read once in all."""
-    source = packed if kind == "packed" else ASSETS / "tiny_pairs.jsonl"
-    saved, rows = [], []
-    for rank, count in ((0, 5), (1, 7)):
-        loader = _loader(source, rank, 2, 2)
-        rows += [batch["ids"][0] for _, batch in zip(range(count), loader)]  # range first: no extra batch
-        saved.append(loader.state_dict())
-        loader.close()
-    boundary = []
-    for rank in range(new_world):
-        loader = _loader(source, rank, new_world, new_workers)
-        loader.load_state_dict({RESHAPE_FROM: saved})
-        first, last, _ = _read_first_epoch(loader)
-        rows += first
-        boundary += [i for row in last for i in row]
-        loader.close()
-    seen = [i for row in rows for i in row]
-    repeated = [i for i, n in Counter(seen).items() if n > 1]
-    assert not repeated, repeated[:5]
-    if kind == "packed":  # rows are read whole: the epoch ends exactly
-        assert len(rows) == read_meta(packed)["rows"] and set(seen) == fitting_ids
-    else:  # the packer's open row at the epoch's end is closed in the next epoch
-        assert set(seen) <= fitting_ids <= set(seen) | set(boundary)
-
-
-@pytest.mark.parametrize("new_world", [1, 3])
-def test_reshaped_stream_counts_each_bad_record_once(tmp_path, new_world):
-    """Bad records inside the blocks the saved ranks were reading were counted by them; the ranks that
-    finish the epoch after the change count only the rest: the epoch's skip counts are those of one
-    uninterrupted rank, which are the bad lines this test wrote."""
-    lines = (ASSETS / "tiny_pairs.jsonl").read_text().splitlines()
-    corrupted, written = [], Counter()
-    for i, line in enumerate(lines):
-        corrupted.append(line)
-        if i % 3 == 1:
-            corrupted.append("{not json")
-            written["malformed_json"] += 1
-        if i % 7 == 4:
-            corrupted.append(json.dumps({"text": "no code here"}))
-            written["missing_field"] += 1
-    source = tmp_path / "pairs.jsonl"
-    source.write_text("\n".join(corrupted) + "\n")
-
-    plain = _loader(source, 0, 1, 0)
-    reference = _read_first_epoch(plain)[2]
-    plain.close()
-    assert {k: reference.get(k, 0) for k in written} == dict(written)
-
-    saved = []
-    for rank, count in ((0, 3), (1, 5)):
-        loader = _loader(source, rank, 2, 0)
-        [batch for _, batch in zip(range(count), loader)]
-        saved.append(loader.state_dict())
-        loader.close()
-    assert all(state["loader"]["dataset_state"]["raw"]["taken"] > 0 for state in saved)  # inside a block
-    total = Counter()
-    for rank in range(new_world):
-        loader = _loader(source, rank, new_world, 0)
-        loader.load_state_dict({RESHAPE_FROM: saved})
-        total += Counter(_read_first_epoch(loader)[2])
-        loader.close()
-    assert dict(total) == reference
-
-
-def test_resharded_stream_resumes_exactly_and_refuses_a_second_change():
-    """A state saved while the new ranks finish the old epoch resumes exactly with the same layout; a
-    different layout is refused until that epoch is over."""
-    source = ASSETS / "tiny_pairs.jsonl"
-    saved = []
-    for rank in (0, 1):
-        loader = _loader(source, rank, 2, 0)
-        next(iter(loader))
-        saved.append(loader.state_dict())
-    first = _loader(source, 0, 1, 0)
-    first.load_state_dict({RESHAPE_FROM: saved})
-    rows = iter(first)
-    [next(rows) for _ in range(3)]
-    mid = first.state_dict()
-    expected = [next(rows)["ids"] for _ in range(4)]
-    again = _loader(source, 0, 1, 0)
-    again.load_state_dict(mid)
-    assert [batch["ids"] for _, batch in zip(range(4), again)] == expected
-    other = _loader(source, 0, 2, 0)
-    with pytest.raises(ValueError, match="still finishing the epoch of an earlier change of ranks"):
-        other.load_state_dict({RESHAPE_FROM: [mid]})
-
-
-def test_resharding_refuses_mismatched_states_and_unconvertible_checkpoints(tmp_path):
-    """States of ranks that ran different settings, and a tag DeepSpeed cannot convert: one-line errors."""
+def test_resharding_refuses_unconvertible_checkpoints(tmp_path):
+    """A tag DeepSpeed cannot convert: one-line errors."""
     from ds_train.checkpoint import CheckpointError, convert_to_universal
 
-    source = ASSETS / "tiny_pairs.jsonl"
-    saved = [_loader(source, rank, 2, 0).state_dict() for rank in (0, 1)]
-    saved[1]["config"] = {**saved[1]["config"], "seed": 8}
-    with pytest.raises(ValueError, match="saved data states 0 and 1 come from different stream settings"):
-        _loader(source, 0, 1, 0).load_state_dict({RESHAPE_FROM: saved})
-    with pytest.raises(ValueError, match="saved data state 0 is rank 1 of 2 ranks, not rank 0 of 1"):
-        _loader(source, 0, 1, 0).load_state_dict({RESHAPE_FROM: saved[1:]})
     (tmp_path / "step-3").mkdir()
     with pytest.raises(CheckpointError) as err:
         convert_to_universal(tmp_path / "step-3")

@@ -1,7 +1,8 @@
 """``ds-data``: mine a corpus, train a tokenizer, encode pairs, pack shards, inspect packed rows.
 
-Every subcommand prints its result on stdout; bad input ends with one ``ds-data: error: ...``
-line on stderr and exit code 2.
+Every subcommand prints its result on stdout; bad input ends with one ``ds-data COMMAND: error: ...``
+line on stderr and exit code 2. Files and directories named by ``--out`` are written under a
+temporary name beside the target and renamed into place only on success.
 """
 
 from __future__ import annotations
@@ -9,49 +10,61 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from ds_train.data.encode import OBJECTIVES
-
-EXIT_BAD_INPUT = 2
+from ds_train.data import mine
+from ds_train.data.encode import OBJECTIVES, Encoder
+from ds_train.data.pack import corpus_docs
+from ds_train.data.sources import SkipCounter
+from ds_train.data.tokenizer import DEFAULT_VOCAB_SIZE, adapt_tokenizer, load_tokenizer, train_tokenizer
+from ds_train.errors import UsageError, first_line, refuse
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``ds-data`` parser with its five subcommands."""
-    from ds_train.data import mine
-
-    parser = argparse.ArgumentParser(prog="ds-data", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="ds-data", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every skipped record")
     commands = parser.add_subparsers(dest="command", required=True)
-    mine.add_arguments(commands.add_parser("mine", help="mine (docstring, code) pairs from Python sources"))
-    _tokenizer_arguments(commands.add_parser("tokenizer", help="train (or adapt) a tokenizer directory"))
-    _encode_arguments(commands.add_parser("encode", help="encode pairs into the layout, one JSON line each"))
-    _pack_arguments(commands.add_parser("pack", help="pre-tokenize and pack a corpus into Arrow shards"))
-    _inspect_arguments(commands.add_parser("inspect", help="show a packed row with modality and targets"))
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    mine.add_arguments(command("mine", "mine (docstring, code) pairs from Python sources"))
+    _tokenizer_arguments(command("tokenizer", "train (or adapt) a tokenizer directory"))
+    _encode_arguments(command("encode", "encode pairs into the layout, one JSON line each"))
+    _pack_arguments(command("pack", "pre-tokenize and pack a corpus into Arrow shards"))
+    _inspect_arguments(command("inspect", "show a packed row with modality and targets"))
     return parser
 
 
 def _tokenizer_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", nargs="+", help="pair files / folders / hub names to train on")
+    p.add_argument(
+        "--corpus", nargs="+", help="pair files / folders / hub names to train on (code as source or linearized)"
+    )
     p.add_argument(
         "--from-pretrained", type=Path, help="adapt this local tokenizer directory instead of training"
     )
     p.add_argument("--out", type=Path, required=True, help="the tokenizer directory to write")
-    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument(
+        "--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="tokens, whole-word pieces included"
+    )
     p.add_argument("--max-pairs", type=int, default=200_000, help="train on at most this many pairs")
 
 
 def _encode_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokenizer", type=Path, required=True)
+    p.add_argument("--tokenizer", type=Path, required=True, help="a tokenizer directory")
     p.add_argument("--in", dest="inputs", nargs="+", required=True, help="pair files / folders / hub names")
     p.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
-    p.add_argument("--objective", choices=OBJECTIVES, default="code_clm")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--objective", choices=OBJECTIVES, default="code_clm", help="which flags to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of the corruption (corrupt_code_clm)")
     p.add_argument(
         "--epoch", type=int, default=0, help="the epoch whose corruption to draw (corrupt_code_clm)"
     )
-    p.add_argument("--corrupt-prob", type=float, default=0.15)
+    p.add_argument("--corrupt-prob", type=float, default=0.15, help="share of docstring tokens corrupted")
 
 
 def _pack_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,10 +93,8 @@ def _inspect_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_tokenizer(args: argparse.Namespace) -> int:
-    from ds_train.data.tokenizer import adapt_tokenizer, train_tokenizer
-
     if bool(args.corpus) == bool(args.from_pretrained):
-        raise ValueError("give exactly one of --corpus (train) or --from-pretrained (adapt)")
+        raise UsageError("give exactly one of --corpus (train) or --from-pretrained (adapt)")
     if args.from_pretrained:
         tokenizer = adapt_tokenizer(args.from_pretrained, args.out)
     else:
@@ -93,21 +104,24 @@ def run_tokenizer(args: argparse.Namespace) -> int:
 
 
 def run_encode(args: argparse.Namespace) -> int:
-    from ds_train.data.encode import Encoder
-    from ds_train.data.pack import corpus_docs
-    from ds_train.data.sources import SkipCounter
-    from ds_train.data.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(args.tokenizer)
     encoder = Encoder(tokenizer, args.objective, seed=args.seed, corrupt_prob=args.corrupt_prob)
     skips, counts = SkipCounter(), {"pairs": 0, "docs": 0}
+    if args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a directory")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as out:
-        for doc in corpus_docs(args.inputs, encoder, skips, counts):
-            encoded = encoder.finish(doc.id, doc.ids, doc.segments, args.epoch)
-            out.write(json.dumps(_encoded_record(encoded, args.objective)) + "\n")
-    written = counts["docs"]
-    print(f"wrote {written} encoded pairs to {args.out}; {skips.report()}")
+    tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            for doc in corpus_docs(args.inputs, encoder, skips, counts):
+                encoded = encoder.finish(doc.id, doc.ids, doc.segments, args.epoch)
+                out.write(json.dumps(_encoded_record(encoded, args.objective)) + "\n")
+        if counts["docs"] == 0:
+            raise UsageError(f"nothing to write: no pair of {', '.join(args.inputs)} encodes ({skips.report()})")
+        os.replace(tmp, args.out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {counts['docs']} encoded pairs to {args.out}; {skips.report()}")
     return 0
 
 
@@ -141,17 +155,9 @@ def run_pack(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    from ds_train.data.batch import batch_spec, describe_row, make_batch
     from ds_train.data.encode import Encoder
-    from ds_train.data.pack import (
-        Doc,
-        Shard,
-        batch_spec,
-        describe_row,
-        is_packed_dir,
-        make_batch,
-        pack,
-        shard_paths,
-    )
+    from ds_train.data.pack import Doc, Shard, is_packed_dir, pack, shard_paths
     from ds_train.data.sources import SkipCounter, read_pairs
     from ds_train.data.tokenizer import load_tokenizer
 
@@ -188,19 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
     if args.command == "mine":
-        from ds_train.data import mine
-
         return mine.run(args)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, OSError) as err:
-        print(f"ds-data {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    except (ValueError, OSError) as err:  # UsageError is a ValueError; readers raise ValueError too
+        return refuse(f"ds-data {args.command}: error", first_line(err))
 
 
 if __name__ == "__main__":

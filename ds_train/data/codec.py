@@ -40,6 +40,7 @@ from __future__ import annotations
 import io
 import keyword
 import re
+import textwrap
 import token
 import tokenize
 from typing import NamedTuple
@@ -49,10 +50,17 @@ INDENT = "<INDENT>"
 DEDENT = "<DEDENT>"
 MARKERS = (NEW_LINE, INDENT, DEDENT)
 
-# Special tokens of the project that may appear in model output; delinearize drops them.
-_SPECIAL_TOKENS = frozenset(
-    {"<pad>", "<mask>", "<bot>", "<comments>", "<python>", "<eot>", "<unk>", "<s>", "</s>"}
-)
+# The special tokens of the sequence layout (ARCHITECTURE.md, "Tokens"); every tokenizer of the
+# project holds each as one id. Defined here, beside the markers, so that this light module and
+# the tokenizer share one definition.
+PAD, MASK = "<pad>", "<mask>"
+BOT, COMMENTS, PYTHON, EOT = "<bot>", "<comments>", "<python>", "<eot>"
+SPECIAL_TOKENS = (PAD, MASK, NEW_LINE, INDENT, DEDENT, BOT, COMMENTS, PYTHON, EOT)
+
+# Special tokens that may appear in model output (the layout's and common tokenizers' own);
+# delinearize drops them.
+_SPECIAL_TOKENS = frozenset(SPECIAL_TOKENS).difference(MARKERS) | {"<unk>", "<s>", "</s>"}
+DOC_INDENT = "    "
 
 _NAMED_ESCAPES = {" ": "\u2423", "\n": "\u23ce", "\t": "\u21e5"}
 _ESCAPE_OPEN, _ESCAPE_CLOSE = "\u2045", "\u2046"
@@ -184,6 +192,18 @@ def linearize(source: str) -> str:
     Raises `ValueError` when the source cannot be tokenized.
     """
     return " ".join(item.text for item in code_tokens(source))
+
+
+def is_linearized(code: str) -> bool:
+    """Whether ``code`` is in the linearized form: it holds a layout marker (``linearize`` ends
+    every logical line, a one-line definition's too, with ``<NEW_LINE>``)."""
+    return any(marker in code for marker in MARKERS)
+
+
+def ensure_linearized(code: str) -> str:
+    """``code`` in the linearized form: Python source (no marker) is linearized, linearized code is
+    returned unchanged. Raises ``ValueError`` for source that does not tokenize."""
+    return code if is_linearized(code) else linearize(code)
 
 
 def _raw_tokens(source: str) -> list[tokenize.TokenInfo]:
@@ -434,3 +454,21 @@ def _is_literal(item: str) -> bool:
 
 def _unescape_item(item: str) -> str:
     return unescape_literal(item) if _is_literal(item) else item
+
+
+# --------------------------------------------------------------------------------------------
+# Docstrings
+# --------------------------------------------------------------------------------------------
+
+
+def render_docstring(docstring: str) -> str:
+    """The docstring as an indented triple-quoted block, as it stands under its ``def`` line.
+
+    The stripped docstring, ``\"\"\"`` inside it escaped, wrapped in triple quotes and indented
+    by four spaces; a multi-line docstring indents every non-empty line and closes on its own line.
+    """
+    text = docstring.strip().replace('"""', '\\"\\"\\"')
+    if "\n" not in text:
+        return f'{DOC_INDENT}"""{text}"""'
+    body = textwrap.indent(text, DOC_INDENT)[len(DOC_INDENT) :]
+    return f'{DOC_INDENT}"""{body}\n{DOC_INDENT}"""'

@@ -6,8 +6,9 @@ One pair becomes::
 
 Rendering, exactly:
 
-- SIGNATURE: the linearized header from ``codec.split_signature`` (decorators included), stripped.
-- DOCSTRING: ``render_docstring``: the stripped docstring, ``"""`` inside it escaped as
+- SIGNATURE: the linearized header from ``codec.split_signature`` (decorators included), stripped;
+  code given as Python source (no layout marker) is linearized first.
+- DOCSTRING: ``codec.render_docstring``: the stripped docstring, ``"""`` inside it escaped as
   ``\"\"\"``, wrapped in triple quotes and indented by four spaces as it stands under its
   ``def`` line; a multi-line docstring indents every non-empty line and closes on its own line::
 
@@ -29,19 +30,27 @@ uniformly drawn *text token* (any non-special id; it may equal the original).
 from __future__ import annotations
 
 import hashlib
-import textwrap
 from dataclasses import dataclass, field
 from enum import IntEnum
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from ds_train.data.codec import split_signature
+from ds_train.data.codec import (
+    BOT,
+    COMMENTS,
+    EOT,
+    MASK,
+    PYTHON,
+    ensure_linearized,
+    render_docstring,
+    split_signature,
+)
 from ds_train.data.sources import Pair, SkipCounter
-from ds_train.data.tokenizer import BOT, COMMENTS, EOT, MASK, PYTHON, special_ids
+from ds_train.data.tokenizer import special_ids
+from ds_train.errors import UsageError, first_line
 
 OBJECTIVES = ("text_code_clm", "code_clm", "corrupt_code_clm", "prefix_code_clm")
-DOC_INDENT = "    "
 MASK_SHARE = 0.8
 
 
@@ -77,19 +86,10 @@ class Encoded:
 
 
 def check_objective(objective: str) -> str:
-    """``objective`` itself, or a one-line ``ValueError`` naming the valid ones."""
+    """``objective`` itself, or a one-line ``UsageError`` naming the valid ones."""
     if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
+        raise UsageError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
     return objective
-
-
-def render_docstring(docstring: str) -> str:
-    """The docstring as an indented triple-quoted block, as it stands under its ``def`` line."""
-    text = docstring.strip().replace('"""', '\\"\\"\\"')
-    if "\n" not in text:
-        return f'{DOC_INDENT}"""{text}"""'
-    body = textwrap.indent(text, DOC_INDENT)[len(DOC_INDENT) :]
-    return f'{DOC_INDENT}"""{body}\n{DOC_INDENT}"""'
 
 
 # ---------------------------------------------------------------------------------------------- flags
@@ -189,14 +189,19 @@ class Encoder:
     def layout(
         self, pairs: list[Pair], skips: SkipCounter | None = None
     ) -> list[tuple[str, np.ndarray, np.ndarray]]:
-        """``(_id, ids, segments)`` of each pair (uncorrupted); pairs without a header are skipped."""
+        """``(_id, ids, segments)`` of each pair (uncorrupted); pairs without a header are skipped.
+
+        Code given as Python source (no layout marker) is linearized first (``codec.ensure_linearized``);
+        source that does not tokenize is skipped as ``untokenizable_code``.
+        """
         parts, kept = [], []
         for pair in pairs:
             try:
-                signature, body = split_signature(pair.code)
+                signature, body = split_signature(ensure_linearized(pair.code))
             except ValueError as err:
                 if skips is not None:
-                    skips.skip("no_signature", pair.id, str(err))
+                    reason = "untokenizable_code" if "tokenize" in str(err) else "no_signature"
+                    skips.skip(reason, pair.id, first_line(err))
                 continue
             parts += [signature.strip(), render_docstring(pair.docstring), body.strip()]
             kept.append(pair.id)
@@ -240,12 +245,12 @@ def encode_pair(
     epoch: int = 0,
     corrupt_prob: float = 0.15,
 ) -> Encoded:
-    """One pair in the layout (a convenience over ``Encoder``); a ``ValueError`` if it has no header."""
+    """One pair in the layout (a convenience over ``Encoder``); a ``UsageError`` if it has no header."""
     encoder = Encoder(tokenizer, objective, seed=seed, corrupt_prob=corrupt_prob)
     skips = SkipCounter()
     encoded = encoder.encode([pair], epoch, skips)
     if not encoded:
-        raise ValueError(f"pair {pair.id}: code does not start with a def/class header")
+        raise UsageError(f"pair {pair.id}: code does not start with a def/class header")
     return encoded[0]
 
 

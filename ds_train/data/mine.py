@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import stat
-import sys
 import sysconfig
 import time
 import tokenize
@@ -51,6 +50,7 @@ from ds_train.data.codec import (
     delinearize,
     normalize_newlines,
 )
+from ds_train.errors import UsageError, first_line, refuse
 
 logger = logging.getLogger(__name__)
 
@@ -89,19 +89,19 @@ class Filters:
     max_code_tokens: int = DEFAULT_MAX_CODE_TOKENS
 
     def validate(self) -> None:
-        """Raise one `ValueError` naming every bad limit."""
+        """Raise one `UsageError` naming every bad limit."""
         problems = [f"{name} must be >= 0 (got {value})" for name, value in vars(self).items() if value < 0]
         if self.min_docstring_chars > self.max_docstring_chars:
             problems.append("min_docstring_chars must be <= max_docstring_chars")
         if self.min_code_tokens > self.max_code_tokens:
             problems.append("min_code_tokens must be <= max_code_tokens")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise UsageError("; ".join(problems))
 
 
 @dataclass
 class MineSummary:
-    """What one `mine` call did."""
+    """What one `mine` call did (`str()` gives `describe()`'s line)."""
 
     out: Path
     roots: list[Path]
@@ -110,16 +110,27 @@ class MineSummary:
     skipped: Counter[str] = field(default_factory=Counter)  # reason -> count
     limit_reached: bool = False
     seconds: float = 0.0
+    fit: tuple[int, int, int] | None = None  # (kept, left out, row length) of a later length filter
+
+    def fitted(self, kept: int, too_long: int, seq_len: int) -> None:
+        """Record the outcome of a filter by token length applied to the mined pairs afterwards."""
+        self.fit = (kept, too_long, seq_len)
 
     def describe(self) -> str:
-        """One line: kept pairs, files, rate, and the skip counts by reason."""
+        """One line: kept pairs, files, rate, the skip counts by reason, and the length filter."""
         rate = self.kept / self.seconds if self.seconds > 0 else 0.0
         skipped = ", ".join(f"{reason}={n}" for reason, n in sorted(self.skipped.items())) or "none"
         stop = " (limit reached)" if self.limit_reached else ""
-        return (
+        line = (
             f"mined {self.kept} pairs{stop} from {self.files} files in {self.seconds:.1f}s "
             f"({rate:.0f} pairs/s) into {self.out}; skipped: {skipped}"
         )
+        if self.fit is not None:
+            kept, too_long, seq_len = self.fit
+            line += f"; kept {kept} that fit {seq_len}-token rows ({too_long} left out as longer)"
+        return line
+
+    __str__ = describe
 
 
 @dataclass(frozen=True)
@@ -169,7 +180,7 @@ def mine(
     folders are not followed) or files; None or empty: `default_roots()`, where the interpreter's
     own `site-packages` inside the standard library is left to its own root. `limit`: stop after
     that many pairs. The file is written atomically (a temporary file renamed at the end).
-    Raises `ValueError` for a path that does not exist or bad limits.
+    Raises `UsageError` for a path that does not exist or bad limits.
     """
     filters = Filters(min_docstring_chars, max_docstring_chars, min_code_tokens, max_code_tokens)
     roots, prune = _resolve_roots(paths, filters, limit, out)
@@ -222,14 +233,14 @@ def _resolve_roots(
     """Check the arguments; return the roots and the folders not to descend into."""
     filters.validate()
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 (got {limit})")
+        raise UsageError(f"limit must be >= 1 (got {limit})")
     if out.is_dir():
-        raise ValueError(f"output path is a directory: {out}")
+        raise UsageError(f"output path is a directory: {out}")
     if paths:
         roots = list({Path(p).resolve(): Path(p) for p in paths}.values())  # each root once
         missing = [str(p) for p in roots if not p.exists()]
         if missing:
-            raise ValueError(f"path does not exist: {', '.join(missing)}")
+            raise UsageError(f"path does not exist: {', '.join(missing)}")
         extra: set[Path] = set()
     else:
         roots = default_roots()
@@ -478,10 +489,8 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     except ValueError as err:
-        print(f"ds-data mine: error: {err}", file=sys.stderr)
-        return 2
+        return refuse("ds-data mine: error", err)
     except OSError as err:
-        print(f"ds-data mine: error: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
-        return 2
+        return refuse("ds-data mine: error", f"cannot write {args.out}: {err.strerror or first_line(err)}")
     print(summary.describe())
     return 0

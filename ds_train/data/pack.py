@@ -1,4 +1,4 @@
-"""Packing laid-out pairs into fixed-length rows, the batch of ARCHITECTURE.md, and Arrow shards.
+"""Packing laid-out pairs into fixed-length rows, and the Arrow shards that hold them.
 
 A *document* is one laid-out pair: ``(_id, ids, segments)`` from ``encode.Encoder.layout``. The
 ``Packer`` places documents into rows of ``seq_len`` tokens without splitting them, deterministically
@@ -13,9 +13,12 @@ Documents longer than ``seq_len`` are dropped and counted (``too_long``), or wit
 ``drop_overlong=False`` cut to ``seq_len`` and counted (``truncated``).
 
 Rows hold segments rather than flags, so the objective is applied when a batch is made
-(``make_batch``): one packed dataset serves every objective and separation. Packed shards
+(``ds_train.data.batch``): one packed dataset serves every objective and separation. Packed shards
 (``ds-data pack``) are Arrow IPC files with columns ``input_ids`` (list<int32>), ``segments``
 (list<int8>), ``doc_lengths`` (list<int32>) and ``ids`` (list<string>), unpadded, plus ``meta.json``.
+The training stream reads them document by document (``Shard.documents``, ``Shard.doc``): rows are
+the storage, not the batch. ``pack_corpus`` writes into a temporary folder beside its target and
+renames it into place only when every shard and ``meta.json`` are written.
 """
 
 from __future__ import annotations
@@ -25,23 +28,23 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 
-from ds_train.data.encode import Corruption, Encoder, check_objective, flags
+from ds_train.data.encode import Encoder
 from ds_train.data.sources import FILE_REASONS, Keep, Pair, SkipCounter, keep_all, read_pairs
 from ds_train.data.tokenizer import load_tokenizer
+from ds_train.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
 PACKED_FORMAT = "ds_train.packed/1"
 META_FILE = "meta.json"
-TENSOR_KEYS = ("input_ids", "position_ids", "doc_ids", "modality", "target", "prefix")
 SCHEMA = pa.schema(
     [
         ("input_ids", pa.list_(pa.int32())),
@@ -99,7 +102,7 @@ class Packer:
         skips: SkipCounter | None = None,
     ) -> None:
         if seq_len < 8 or buffer_rows < 1:
-            raise ValueError(
+            raise UsageError(
                 f"packing needs seq_len >= 8 and buffer_rows >= 1 (got {seq_len}, {buffer_rows})"
             )
         self.seq_len = seq_len
@@ -183,72 +186,6 @@ def pack(
     yield from packer.flush()
 
 
-# ---------------------------------------------------------------------------------------------- batches
-
-
-@dataclass(frozen=True)
-class BatchSpec:
-    """What turns rows into a batch: the objective and what its corruption needs."""
-
-    objective: str
-    seq_len: int
-    pad_id: int
-    corruption: Corruption
-
-
-def make_batch(rows: list[Row], spec: BatchSpec, epochs: int | Sequence[int] = 0) -> dict:
-    """The batch of ARCHITECTURE.md: ``(B, T)`` tensors plus ``ids`` (the ``_id``s of each row).
-
-    Corrupt Code CLM corrupts each document of row ``b`` with the generator of (seed, ``epochs[b]``,
-    ``_id``); one int stands for every row.
-    """
-    check_objective(spec.objective)
-    B, T = len(rows), spec.seq_len
-    epochs = [epochs] * B if isinstance(epochs, int) else list(epochs)
-    input_ids = np.full((B, T), spec.pad_id, dtype=np.int64)
-    segments = np.full((B, T), -1, dtype=np.int8)
-    doc_ids = np.full((B, T), -1, dtype=np.int32)
-    position_ids = np.zeros((B, T), dtype=np.int64)
-    for b, row in enumerate(rows):
-        n = len(row.input_ids)
-        input_ids[b, :n] = (
-            _corrupted(row, spec, epochs[b]) if spec.objective == "corrupt_code_clm" else row.input_ids
-        )
-        segments[b, :n] = row.segments
-        doc_ids[b, :n] = np.repeat(np.arange(len(row.doc_lengths), dtype=np.int32), row.doc_lengths)
-        starts = np.repeat(np.cumsum(row.doc_lengths) - row.doc_lengths, row.doc_lengths)
-        position_ids[b, :n] = np.arange(n) - starts
-    modality, target, prefix = flags(segments, spec.objective)
-    if spec.objective == "text_code_clm":
-        target = position_ids > 0
-    real = doc_ids >= 0
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "position_ids": torch.from_numpy(position_ids),
-        "doc_ids": torch.from_numpy(doc_ids),
-        "modality": torch.from_numpy(modality & real),
-        "target": torch.from_numpy(target & real),
-        "prefix": torch.from_numpy(prefix & real),
-        "ids": [list(row.ids) for row in rows],
-    }
-
-
-def _corrupted(row: Row, spec: BatchSpec, epoch: int) -> np.ndarray:
-    """The row's ids with each document corrupted independently."""
-    out = row.input_ids.copy()
-    start = 0
-    for pair_id, length in zip(row.ids, row.doc_lengths.tolist()):
-        end = start + length
-        out[start:end] = spec.corruption(pair_id, row.input_ids[start:end], row.segments[start:end], epoch)
-        start = end
-    return out
-
-
-def batch_spec(encoder: Encoder, objective: str, seq_len: int) -> BatchSpec:
-    """The ``BatchSpec`` of an ``encode.Encoder`` (its tokenizer, seed and corruption probability)."""
-    return BatchSpec(check_objective(objective), seq_len, encoder.pad_id, encoder.corruption)
-
-
 # ---------------------------------------------------------------------------------------------- shards
 
 
@@ -308,9 +245,9 @@ def read_meta(path: str | os.PathLike) -> dict:
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read {meta_path}: {err}") from None
+        raise UsageError(f"cannot read {meta_path}: {err}") from None
     if meta.get("format") != PACKED_FORMAT:
-        raise ValueError(f"{meta_path}: not a ds_train packed folder (format {meta.get('format')!r})")
+        raise UsageError(f"{meta_path}: not a ds_train packed folder (format {meta.get('format')!r})")
     return meta
 
 
@@ -331,7 +268,7 @@ class Shard:
             self._views = [[self._view(b.column(name)) for name in self.COLUMNS] for b in batches]
             self._pair_ids = [b.column("ids") for b in batches]
         except (pa.ArrowException, KeyError, OSError) as err:
-            raise ValueError(f"corrupt packed shard {path}: {str(err).splitlines()[0]}") from None
+            raise UsageError(f"corrupt packed shard {path}: {str(err).splitlines()[0]}") from None
         self._starts = np.cumsum([0] + [b.num_rows for b in batches])
 
     @staticmethod
@@ -341,6 +278,26 @@ class Shard:
 
     def __len__(self) -> int:
         return int(self._starts[-1])
+
+    def documents(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every document of the shard in storage order: (record batch, first token inside that batch's
+        tokens, length, ``_id``); rows are stored back to back, so a document's tokens are contiguous."""
+        batches, starts, lengths, ids = [], [], [], []
+        for k, ((tokens, _), _, (offsets, values)) in enumerate(self._views):
+            doc_lengths = values[offsets[0] : offsets[-1]].astype(np.int64)
+            batches.append(np.full(len(doc_lengths), k, dtype=np.int32))
+            starts.append(int(tokens[0]) + np.cumsum(doc_lengths) - doc_lengths)
+            lengths.append(doc_lengths)
+            column = self._pair_ids[k]
+            ids.append(column.values.slice(column.offsets[0].as_py(), len(doc_lengths)).to_numpy(zero_copy_only=False))
+        if not batches:
+            return (np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, object))
+        return tuple(np.concatenate(parts) for parts in (batches, starts, lengths, ids))
+
+    def doc(self, batch: int, start: int, length: int, pair_id: str) -> Doc:
+        """The document at ``start`` of record batch ``batch`` (see ``documents``)."""
+        (_, tokens), (_, segments), _ = self._views[batch]
+        return Doc(pair_id, tokens[start : start + length].astype(np.int64), segments[start : start + length])
 
     def row(self, index: int) -> Row:
         """Row ``index`` of the shard."""
@@ -362,29 +319,8 @@ def shard_paths(path: str | os.PathLike) -> list[Path]:
     paths = [Path(path) / shard_name(i, count) for i in range(count)]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
-        raise ValueError(f"packed folder {path} lacks {len(missing)} shard(s), e.g. {missing[0]}")
+        raise UsageError(f"packed folder {path} lacks {len(missing)} shard(s), e.g. {missing[0]}")
     return paths
-
-
-# ---------------------------------------------------------------------------------------------- inspect
-
-
-def describe_row(batch: dict, b: int, tokenizer, limit: int | None = None) -> str:
-    """Row ``b`` of a batch as text: one token per line with doc, position, modality, target, prefix."""
-    lines = [f"row {b}: ids {batch['ids'][b]}", "  pos doc  mod tgt pre  token"]
-    T = batch["input_ids"].shape[1] if limit is None else min(limit, batch["input_ids"].shape[1])
-    tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][b, :T].tolist())
-    for t in range(T):
-        doc = int(batch["doc_ids"][b, t])
-        if doc < 0:
-            lines.append(f"  ... padding from {t}")
-            break
-        modality = "code" if batch["modality"][b, t] else "text"
-        target = "*" if batch["target"][b, t] else " "
-        prefix = "p" if batch["prefix"][b, t] else " "
-        position = int(batch["position_ids"][b, t])
-        lines.append(f"  {position:>3} {doc:>3}  {modality} {target:>3} {prefix:>3}  {tokens[t]!r}")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- corpus
@@ -426,23 +362,33 @@ def pack_corpus(
     segments are stored, flags are derived when batches are made.
     """
     if num_shards < 1 or workers < 1 or num_shards % workers:
-        raise ValueError(f"num_shards ({num_shards}) must be a positive multiple of workers ({workers})")
+        raise UsageError(f"num_shards ({num_shards}) must be a positive multiple of workers ({workers})")
     names = [str(sources)] if isinstance(sources, (str, os.PathLike)) else [str(s) for s in sources]
+    target = Path(out_dir)
+    if target.exists() and not is_packed_dir(target) and (not target.is_dir() or any(target.iterdir())):
+        raise UsageError(f"{target} exists and is not a packed folder: name a new or packed folder")
     tokenizer = load_tokenizer(tokenizer_dir)
-    jobs = [
-        PackJob(
-            names,
-            str(tokenizer_dir),
-            str(out_dir),
-            seq_len,
-            num_shards,
-            pack_buffer,
-            drop_overlong,
-            p,
-            workers,
-        )
-        for p in range(workers)
-    ]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        meta = _pack_into(names, tokenizer_dir, scratch, seq_len, num_shards, pack_buffer, drop_overlong, workers)
+        meta["vocab_size"] = len(tokenizer)
+        (scratch / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        _replace_dir(scratch, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    logger.info("packed %d pairs into %d rows in %s; skipped %s", meta["pairs"], meta["rows"], target,
+                meta["skipped"])
+    return meta
+
+
+def _pack_into(names: list[str], tokenizer_dir: str | os.PathLike, out: Path, seq_len: int, num_shards: int,
+               pack_buffer: int, drop_overlong: bool, workers: int) -> dict:
+    """Pack every part into the folder ``out``; returns the meta (without the vocabulary size)."""
+    out.mkdir(parents=True)
+    jobs = [PackJob(names, str(tokenizer_dir), str(out), seq_len, num_shards, pack_buffer, drop_overlong, p,
+                    workers) for p in range(workers)]
     if workers == 1:
         parts = [_pack_part(jobs[0])]
     else:
@@ -450,27 +396,26 @@ def pack_corpus(
             parts = pool.map(_pack_part, jobs)
     meta = _merge_parts(parts, num_shards)
     if meta["pairs"] == 0:
-        raise ValueError(f"no valid pairs in {', '.join(names)} (skipped {meta['skipped']})")
-    meta = {
+        raise UsageError(f"no valid pairs in {', '.join(names)} (skipped {meta['skipped']})")
+    return {
         "format": PACKED_FORMAT,
         "seq_len": seq_len,
         "pack_buffer": pack_buffer,
         "drop_overlong": drop_overlong,
-        "vocab_size": len(tokenizer),
-        "tokenizer_sha": _fingerprint(Path(tokenizer_dir) / "tokenizer.json"),
+        "tokenizer_sha": tokenizer_fingerprint(Path(tokenizer_dir)),
         "sources": names,
         "workers": workers,
         **meta,
     }
-    (Path(out_dir) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    logger.info(
-        "packed %d pairs into %d rows in %s; skipped %s",
-        meta["pairs"],
-        meta["rows"],
-        out_dir,
-        meta["skipped"],
-    )
-    return meta
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move the finished folder ``new`` to ``target``; an older output there goes only after that."""
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _pack_part(job: PackJob) -> dict:
@@ -540,6 +485,7 @@ def _with_end(items: Iterable[Pair]) -> Iterator[Pair | None]:
     yield None
 
 
-def _fingerprint(path: Path) -> str:
-    """A short sha256 of a file ('' where it does not exist)."""
+def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
+    """A short sha256 of a tokenizer's ``tokenizer.json`` ('' where it has none)."""
+    path = tokenizer_dir / "tokenizer.json"
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else ""
