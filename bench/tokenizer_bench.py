@@ -112,7 +112,10 @@ def main() -> None:
         sizes = {"plain": plain.get_piece_size(), "before": before.get_piece_size(), "after": len(ours)}
     base = results["plain"]["tokens_per_pair"]
     print(f"{len(segs)} pairs, {args.seq_len}-token rows")
-    print(f"{'tokenizer':<9} {'vocab':>6} {'tok/pair':>9} {'code chr/tok':>13} {'lone ▁':>7} {'>seq_len':>9} {'vs plain':>9}")
+    print(
+        f"{'tokenizer':<9} {'vocab':>6} {'tok/pair':>9} {'code chr/tok':>13} {'lone ▁':>7} {'>seq_len':>9}"
+        f" {'vs plain':>9}"
+    )
     for name, r in results.items():
         print(
             f"{name:<9} {sizes[name]:>6} {r['tokens_per_pair']:>9.1f} {r['code_chars_per_token']:>13.2f} "

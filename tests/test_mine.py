@@ -87,7 +87,10 @@ B_PY = '''def top(a, b):
     return a + b
 '''
 
-LATIN_PY = b'# -*- coding: latin-1 -*-\ndef caf():\n    """Caf\xe9 au lait, s\'il vous pla\xeet."""\n    return "\xe9"\n'
+LATIN_PY = (
+    b'# -*- coding: latin-1 -*-\ndef caf():\n    """Caf\xe9 au lait, s\'il vous pla\xeet."""\n'
+    b'    return "\xe9"\n'
+)
 
 QUALNAMES = [
     "top",

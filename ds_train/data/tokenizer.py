@@ -14,9 +14,10 @@ what every later load reads, with three changes to the pipeline:
 - The layout markers (``<NEW_LINE>``, ``<INDENT>``, ``<DEDENT>``) take the whitespace before them
   (``lstrip``): they delimit themselves, so the lone ``▁`` piece that would precede each of them
   is never produced (sentencepiece is trained on the text without that space, see
-  ``strip_before_markers``, and split at the whole words below, as the BPE model sees it). Decoding puts one space back before every marker except at the start
-  of the text and right after another special token (``<python><NEW_LINE>``), so linearized code
-  and the layout round-trip exactly; whitespace other than one space before a marker is not kept.
+  ``strip_before_markers``, and split at the whole words below, as the BPE model sees it). Decoding
+  puts one space back before every marker except at the start of the text and right after another
+  special token (``<python><NEW_LINE>``), so linearized code and the layout round-trip exactly;
+  whitespace other than one space before a marker is not kept.
 - Every Python token of the list (``resources/python_tokens.txt``) gets a whole-word piece,
   ``WHOLE_WORD`` (U+E000) + ``▁`` + token (and + the bare token where sentencepiece learned it, for
   a word that starts a text, like ``def``), appended after the sentencepiece ids. The normalizer
