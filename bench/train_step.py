@@ -1,18 +1,29 @@
-"""The full training step through the DeepSpeed engine (issue 7), with the baselines and scale sweeps.
+"""The full training step through the DeepSpeed engine, with the reference, the baselines and scale sweeps.
 
     # once, on any machine: document layouts (segment lengths) of real mined pairs
     python bench/train_step.py layouts --pairs runs/default/data/pairs.jsonl \
         --tokenizer runs/default/tokenizer --out bench/doc_layouts.json
     # on the GPU (deepspeed from the wheels of bench/gpu_wheels.sh):
+    python bench/train_step.py run --packing rows,stream --more-batches 32 --lean path/to/lean_gpt.py \
+        --baselines --out results.jsonl
     python bench/train_step.py run --baselines --sweep --curve 200 --out results.jsonl
+    # a smoke run on the CPU (DeepSpeed's CPU accelerator, not compiled; the figures mean nothing)
+    DS_ACCELERATOR=cpu python bench/train_step.py run --flavor tiny --seq 128 --batch 2 --vocab 3000 \
+        --separated 100 --steps 2 --warmup 1 --no-compile --packing rows,stream
 
 `run` times forward, fused loss, backward and the optimizer step of `deepspeed.initialize`'s engine
 (ZeRO-2 by default, bf16, fused torch AdamW, gradient clipping 1.0) for `pycodegpt-110m`, sequence
-1024, batch 16, Code CLM + partial separation (|S| = 2000 of a 32k vocabulary), on rows packed from
-the documents of `--layouts` (their real segment lengths: `<bot>` SIGNATURE `<comments>` DOCSTRING
-`<python>` BODY `<eot>`; token ids drawn at random). It prints one JSON line per measurement:
-tokens/s, MFU (DESIGN.md §8, 989 TFLOP/s), peak memory. `--baselines` adds, in the same process on
-the same card, the original method and plain `transformers` (bench/original_bench.py);
+1024, batch 16, Code CLM + partial separation (|S| = 2000 of a 32k vocabulary), on micro batches made
+from the documents of `--layouts` (their real segment lengths: `<bot>` SIGNATURE `<comments>`
+DOCSTRING `<python>` BODY `<eot>`; token ids drawn at random). `--packing` picks how: `stream` (the
+training stream's: one (1, batch x seq) token stream of whole documents, padding only at its tail,
+through `stream.Cut` and `batch.make_stream_batch`) and/or `rows` (batch rows of seq tokens, each
+padded at its end). It prints one JSON line per measurement (`kind` "step"): useful (non-padding)
+and raw tokens/s, MFU on useful tokens (DESIGN.md §8, 989 TFLOP/s), peak memory. `--lean PATH` first
+times the `lean_flex` variant of a reference script (a compact compiled GPT of the same shape with
+FlexAttention document masks; `kind` "lean") at `--lean-batch`, in the same process on the same card.
+`--baselines` adds the original method and plain `transformers` (bench/original_bench.py; `kind`
+"original" and "hf_plain");
 `--sweep` adds sequence 512/1024/2048 (same tokens per step) and the 350m/760m flavors;
 `--curve N` trains N steps on the fast path (compiled, FlexAttention) and on the plain path
 (not compiled, dense-mask SDPA) from the same seed and batches and reports the largest loss gap.
@@ -21,6 +32,10 @@ the same card, the original method and plain `transformers` (bench/original_benc
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import importlib.util
+import io
 import json
 import logging
 import random
@@ -29,10 +44,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ds_train.data.batch import BatchSpec, make_stream_batch
+from ds_train.data.encode import Corruption, Segment
+from ds_train.data.pack import Doc
+from ds_train.data.stream import Cut, Position
 from ds_train.loss import modality_loss, target_positions
 from ds_train.model import GPTNeo, GPTNeoConfig
 
@@ -44,7 +64,7 @@ log = logging.getLogger("train_step")
 # ------------------------------------------------------------------------------------------ layouts
 def make_layouts(pairs: Path, tokenizer: Path, out: Path, limit: int) -> int:
     """Segment lengths [signature, docstring, body] of real pairs through the project's encoder."""
-    from ds_train.data.encode import Encoder, Segment
+    from ds_train.data.encode import Encoder
     from ds_train.data.sources import read_pairs
     from ds_train.data.tokenizer import load_tokenizer
 
@@ -90,6 +110,39 @@ def packed_rows(layouts: list[list[int]], batch: int, seq: int, vocab: int, seed
             out["target"][b, sl] = torch.tensor(tgt)
             start, doc = start + n, doc + 1
     return out
+
+
+def layout_doc(k: int, layout: list[int], vocab: int, rng: np.random.Generator) -> Doc:
+    """The document of one layout [signature, docstring, body]: random ids, the encoder's segments."""
+    sig, text, body = layout
+    segments = np.repeat(np.arange(len(Segment), dtype=np.int8), [1, sig, 1, text, 1, body, 1])
+    return Doc(str(k), rng.integers(0, vocab, len(segments), dtype=np.int64), segments)
+
+
+def stream_batches(layouts: list[list[int]], batch: int, seq: int, vocab: int, seed: int,
+                   count: int) -> list[dict[str, torch.Tensor]]:
+    """`count` consecutive micro batches as the training stream makes them: the documents of a seeded
+    order, whole, back to back in one (1, batch x seq) stream, padded only at its tail (`stream.Cut`
+    and `batch.make_stream_batch`, what ds-train's stream calls). Documents that do not fit `seq`
+    are left out, as `packed_rows` does."""
+    rng = np.random.default_rng(seed)
+    docs = [layout_doc(k, d, vocab, rng) for k, d in enumerate(d for d in layouts if sum(d) + 4 <= seq)]
+    cut = Cut(np.array([len(d) for d in docs]), seed, batch * seq)
+    corruption = Corruption(0.0, seed, 0, np.zeros(vocab, dtype=bool), np.arange(vocab))  # Code CLM: unused
+    spec = BatchSpec("code_clm", seq, 0, corruption)
+    out, at = [], Position(0, 0)
+    for _ in range(count):
+        picked, at = cut.next(at)
+        made = make_stream_batch([docs[k] for _, k in picked], [e for e, _ in picked], spec, batch * seq)
+        out.append({k: v for k, v in made.items() if isinstance(v, torch.Tensor)})  # not ids, num_tokens
+    return out
+
+
+def host_batches(layouts, packing: str, batch: int, seq: int, vocab: int, seed: int, count: int) -> list[dict]:
+    """`count` micro batches on the host: `stream` (one (1, batch x seq) stream) or `rows` ((batch, seq))."""
+    if packing == "stream":
+        return stream_batches(layouts, batch, seq, vocab, seed, count)
+    return [packed_rows(layouts, batch, seq, vocab, seed + s) for s in range(count)]
 
 
 # ------------------------------------------------------------------------------------------ engine
@@ -158,25 +211,35 @@ def build_engine(cfg: GPTNeoConfig, zero: int, micro: int, compile_blocks: bool,
     return engine
 
 
-def device_batches(layouts, batch: int, seq: int, vocab: int, seeds, dev, cpu_positions: bool) -> list[dict]:
-    """Packed rows on the GPU; with `cpu_positions`, plus the target positions worked out on the CPU."""
+def device_batches(batches: list[dict], dev, cpu_positions: bool) -> list[dict]:
+    """Host batches on the device; with `cpu_positions`, plus the target positions worked out on the CPU."""
     out = []
-    for seed in seeds:
-        rows = packed_rows(layouts, batch, seq, vocab, seed)
+    for rows in batches:
         if cpu_positions:
-            rows["target_positions"] = target_positions(rows["target"], rows["doc_ids"])
+            rows = {**rows, "target_positions": target_positions(rows["target"], rows["doc_ids"])}
         out.append({k: v.to(dev) for k, v in rows.items()})
     return out
+
+
+def synchronize(dev: torch.device) -> None:
+    """Wait for the device's queued work (nothing to wait for on the CPU)."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def bench_device() -> torch.device:
+    """This rank's device: its GPU, else the CPU (a smoke run)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def time_engine(engine, batches: list[dict], steps: int, warmup: int) -> tuple[float, list[float]]:
     """Seconds per step over `steps` steps after `warmup`, and the losses (read after the timing)."""
     for i in range(warmup):
         engine_step(engine, batches[i % len(batches)])
-    torch.cuda.synchronize()
+    synchronize(engine.device)
     start = time.perf_counter()
     out = [engine_step(engine, batches[i % len(batches)]) for i in range(steps)]
-    torch.cuda.synchronize()
+    synchronize(engine.device)
     return (time.perf_counter() - start) / steps, [float(x) for x in out]
 
 
@@ -251,47 +314,93 @@ def kernel_kind(name: str) -> str:
 
 
 def measure(args, flavor: str, seq: int, batch: int, compile_blocks: bool, layouts, emit,
-            variant: Variant = Variant(), profile: bool = False) -> dict:
-    """Time the engine step on every rank (each its own batches); rank 0 emits per-GPU figures."""
+            variant: Variant = Variant(), profile: bool = False, packing: str = "stream") -> dict:
+    """Time the engine step on every rank (each its own batches); rank 0 emits per-GPU figures.
+
+    Useful tokens are the positions inside a document (`doc_ids >= 0`); raw tokens every position of
+    the micro batch (batch x seq). MFU counts useful tokens."""
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = GPTNeoConfig.from_flavor(flavor, vocab_size=args.vocab, pad_token_id=0,
                                    loss_chunk_size=variant.chunk or args.chunk,
                                    separated_ids=tuple(range(1000, 1000 + args.separated)))
-    dev = torch.device("cuda", torch.cuda.current_device())
-    batches = device_batches(layouts, batch, seq, args.vocab, [1000 * rank + s for s in range(8)], dev,
-                             variant.cpu_positions)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()  # the batches, and what earlier measurements left behind
+    dev = bench_device()
+    host = host_batches(layouts, packing, batch, seq, args.vocab, 1000 * rank, 8)
+    useful = sum(int((b["doc_ids"] >= 0).sum()) for b in host) / len(host)  # per step, this rank
+    batches = device_batches(host, dev, variant.cpu_positions)
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() if cuda else 0  # the batches, and what earlier measurements left
     engine = build_engine(cfg, args.zero, batch, compile_blocks, seed=0, variant=variant)
     seconds, losses = time_engine(engine, batches, args.steps, args.warmup)
-    stats = torch.tensor([seconds, (torch.cuda.max_memory_allocated() - before) / 2**30], device=dev)
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if cuda else 0.0
+    stats = torch.tensor([seconds, peak], device=dev)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
     seconds, peak = stats.tolist()
-    tps = batch * seq / seconds  # per GPU
-    real = sum(int((b["doc_ids"] >= 0).sum()) for b in batches) / (len(batches) * batch * seq)
-    emit({"kind": "ours_deepspeed", "variant": variant.name, "flavor": flavor, "zero": args.zero,
+    total = torch.tensor([useful], device=dev, dtype=torch.float64)
+    dist.all_reduce(total)  # useful tokens of one step, every rank
+    raw_tps = batch * seq / seconds  # per GPU
+    tps = total.item() / world / seconds  # per GPU
+    emit({"kind": "step", "packing": packing, "variant": variant.name, "flavor": flavor, "zero": args.zero,
           "world_size": world, "batch": batch, "seq": seq, "compiled": compile_blocks,
-          "loss_chunk": cfg.loss_chunk_size, "step_ms": seconds * 1e3, "tokens_per_s_per_gpu": tps,
-          "tokens_per_s": tps * world, "mfu": tps * engine.bench_flops_per_token(seq) / PEAK,
-          "non_pad_share": real, "peak_mem_gib_per_gpu": peak, "last_loss": losses[-1]})
-    if profile and args.profile and world == 1:
-        profile_engine(engine, batches, 5, args.profile, emit, f"{flavor}_b{batch}_s{seq}")
+          "loss_chunk": cfg.loss_chunk_size, "step_ms": seconds * 1e3, "tokens_per_s": tps * world,
+          "raw_tokens_per_s": raw_tps * world, "tokens_per_s_per_gpu": tps,
+          "mfu": tps * engine.bench_flops_per_token(seq) / PEAK, "non_pad_share": tps / raw_tps,
+          "peak_mem_gib": peak, "peak_mem_gib_per_gpu": peak, "last_loss": losses[-1]})
+    if profile and args.profile and world == 1 and cuda:
+        profile_engine(engine, batches, 5, args.profile, emit, f"{flavor}_b{batch}_s{seq}_{packing}")
     release(engine)
-    return {"tokens_per_s": tps, "peak_mem_gib": peak}
+    return {"tokens_per_s": tps, "raw_tokens_per_s": raw_tps, "peak_mem_gib": peak}
+
+
+def lean_reference(path: str, batch: int, steps: int, emit) -> None:
+    """The `lean_flex` variant of the reference script at `path`, in this process on this card.
+
+    The script (a compact compiled GPT of the 125M GPT-Neo shape: packed documents of 64-512 tokens
+    filling every row, GPT-Neo's local windows through FlexAttention block masks, random ids) is
+    imported, not copied: its batch and step count are its module globals `B` and `STEPS`, and its
+    `main` prints one JSON line per variant. Every position of its rows is a document's, so its
+    useful and raw rates are the same.
+    """
+    spec = importlib.util.spec_from_file_location("lean_gpt", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"train_step: --lean {path}: not a Python file")
+    lean = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lean)
+    lean.B, lean.STEPS = batch, steps
+    printed, argv = io.StringIO(), sys.argv
+    sys.argv = [path, "lean_flex"]
+    try:
+        with contextlib.redirect_stdout(printed):
+            lean.main()
+    finally:
+        sys.argv = argv
+    lines = [json.loads(x) for x in printed.getvalue().splitlines() if x.startswith("{")]
+    row = lines[-1] if lines else {"error": printed.getvalue()[-300:]}
+    if "error" in row:
+        emit({"kind": "lean", "variant": "lean_flex", "batch": batch, "error": row["error"]})
+    else:
+        emit({"kind": "lean", "variant": "lean_flex", "flavor": "lean_gpt 125M (GPT-Neo shape)", "batch": batch,
+              "seq": lean.T, "step_ms": row["step_ms"], "tokens_per_s": row["tokens_per_s"],
+              "raw_tokens_per_s": row["tokens_per_s"], "mfu": row["mfu"], "peak_mem_gib": row["peak_gib"],
+              "non_pad_share": 1.0, "last_loss": row["loss"], "script": Path(path).name})
+    del lean
+    torch._dynamo.reset()  # its compiled graphs hold its models
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def release(engine) -> None:
     """Give an engine's GPU memory back before the next measurement (hooks hold references)."""
-    import gc
-
     if hasattr(engine, "destroy"):
         engine.destroy()
     del engine
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def loss_curve(args, layouts, emit) -> None:
@@ -303,8 +412,8 @@ def loss_curve(args, layouts, emit) -> None:
                                        loss_chunk_size=args.chunk, attention_backend=backend,
                                        separated_ids=tuple(range(1000, 1000 + args.separated)))
         engine = build_engine(cfg, args.zero, args.batch, compiled, seed=0, variant=variant)
-        rows = device_batches(layouts, args.batch, args.seq, args.vocab, range(args.curve), engine.device,
-                              variant.cpu_positions)
+        rows = device_batches(host_batches(layouts, "rows", args.batch, args.seq, args.vocab, 0, args.curve),
+                              engine.device, variant.cpu_positions)
         _, curves[name] = time_engine(engine, rows, args.curve, warmup=0)
         del rows
         release(engine)
@@ -315,6 +424,14 @@ def loss_curve(args, layouts, emit) -> None:
 
 
 # ------------------------------------------------------------------------------------------ main
+def packings(value: str) -> list[str]:
+    """`--packing`'s list, each of stream and rows."""
+    names = [x for x in value.split(",") if x]
+    if not names or any(x not in ("stream", "rows") for x in names):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected stream, rows or both (comma-separated)")
+    return names
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -345,6 +462,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="first time the fast path with each block compiled on its own (the step before it)")
     run.add_argument("--more-batches", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
                      help="also time the fast path at these micro batch sizes, e.g. 32,64")
+    run.add_argument("--packing", type=packings, default=["stream"],
+                     help="how micro batches are made, comma-separated: stream (the training stream's one "
+                          "token stream of whole documents) and/or rows (padded rows); default stream")
+    run.add_argument("--lean", default="", metavar="PATH",
+                     help="first time the lean_flex variant of this reference script in the same process")
+    run.add_argument("--lean-batch", type=int, default=16)
     run.add_argument("--profile", default="", metavar="DIR",
                      help="also profile 5 steps (one GPU): kernel table, GPU busy share, trace_*.json.gz in DIR")
     return p.parse_args(argv)
@@ -357,14 +480,11 @@ def main(argv: list[str] | None = None) -> int:
         n = make_layouts(Path(args.pairs), Path(args.tokenizer), Path(args.out), args.limit)
         print(f"{n} document layouts -> {args.out}")
         return 0
-    if not torch.cuda.is_available():
-        print("train_step: `run` needs a CUDA device", file=sys.stderr)
-        return 2
     from ds_train import distributed
 
     distributed.init()
     layouts = json.loads(Path(args.layouts).read_text())["docs"]
-    card = torch.cuda.get_device_name()
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
     import torch.distributed as dist
 
@@ -380,34 +500,41 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(line + "\n")
 
     compiled = not args.no_compile
+    one_gpu = dist.get_world_size() == 1
+    if args.lean and one_gpu and torch.cuda.is_available():  # first: a clean process for its peak memory
+        lean_reference(args.lean, args.lean_batch, args.steps, emit)
     if args.ablation:
         for variant in ABLATION:
             measure(args, args.flavor, args.seq, args.batch, compiled, layouts, emit, variant)
     elif args.per_block:
         measure(args, args.flavor, args.seq, args.batch, compiled, layouts, emit, PER_BLOCK)
-    fast = measure(args, args.flavor, args.seq, args.batch, compiled, layouts, emit, profile=True)
-    if dist.get_world_size() > 1:  # the baselines, sweeps and curve are one-GPU measurements
+    fast = {packing: measure(args, args.flavor, args.seq, args.batch, compiled, layouts, emit, profile=True,
+                             packing=packing) for packing in args.packing}
+    if not one_gpu:  # the baselines, sweeps and curve are one-GPU measurements
         return 0
-    for batch in args.more_batches:
-        measure(args, args.flavor, args.seq, batch, compiled, layouts, emit)
     if args.baselines:
         from original_bench import run as original
 
         rows = original(["--only", "original,hf_plain", "--flavor", args.flavor, "--batch", str(args.batch),
-                         "--seq", str(args.seq), "--vocab", str(args.vocab), "--separated", str(args.separated)]
-                        + (["--out", args.out] if args.out else []))
-        for row in rows:  # the same batch, process and card
-            emit({"kind": "ratio", "of": f"ours_deepspeed/{row['kind']}", "batch": args.batch,
-                  "speed": fast["tokens_per_s"] / row["tokens_per_s"],
-                  "memory": fast["peak_mem_gib"] / row["peak_mem_gib"]})
+                         "--seq", str(args.seq), "--vocab", str(args.vocab), "--separated", str(args.separated)])
+        for row in rows:  # the same batch, process and card; their rows are full documents, no padding
+            emit({**row, "raw_tokens_per_s": row["tokens_per_s"], "non_pad_share": 1.0})
+            for packing, ours in fast.items():
+                emit({"kind": "ratio", "of": f"step[{packing}]/{row['kind']}", "batch": args.batch,
+                      "speed": ours["tokens_per_s"] / row["tokens_per_s"],
+                      "raw_speed": ours["raw_tokens_per_s"] / row["tokens_per_s"],
+                      "memory": ours["peak_mem_gib"] / row["peak_mem_gib"]})
+    for batch in args.more_batches:
+        for packing in args.packing:
+            measure(args, args.flavor, args.seq, batch, compiled, layouts, emit, packing=packing)
     if args.curve:
         loss_curve(args, layouts, emit)
     if args.sweep:
         tokens = args.batch * args.seq
         for seq in (512, 2048):
-            measure(args, args.flavor, seq, tokens // seq, compiled, layouts, emit)
+            measure(args, args.flavor, seq, tokens // seq, compiled, layouts, emit, packing=args.packing[0])
         for flavor in ("gpt-neo-350m", "gpt-neo-760m"):
-            measure(args, flavor, args.seq, args.batch, compiled, layouts, emit)
+            measure(args, flavor, args.seq, args.batch, compiled, layouts, emit, packing=args.packing[0])
     return 0
 
 
