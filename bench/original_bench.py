@@ -26,7 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_bench import H100_PEAK_FLOPS, packed_batch
 
-from ds_train.model import GPTNeo, GPTNeoConfig, hf_config_dict
+from ds_train.hf import hf_config_dict
+from ds_train.model import GPTNeo, GPTNeoConfig
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
