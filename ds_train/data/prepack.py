@@ -16,11 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ds_train.data.pack import is_packed_dir, pack_corpus, read_meta, tokenizer_fingerprint
+from ds_train.data.sources import SkipCounter, is_hub_name, list_units
 from ds_train.errors import UsageError
 
 log = logging.getLogger(__name__)
 
 MAX_PACK_WORKERS = 8
+SMALL_INPUT_BYTES = 64 << 20  # local input below this is packed in one process (its log lines stay in it)
 
 
 def ensure_packed(sources: Sequence[str], tokenizer_dir: str | os.PathLike, out: Path, *, seq_len: int,
@@ -42,7 +44,7 @@ def ensure_packed(sources: Sequence[str], tokenizer_dir: str | os.PathLike, out:
                      meta["rows"])
             return [str(out)]
         log.info("data: %s was packed with other sources or settings; packing again", out)
-    workers = workers or max(1, min(os.cpu_count() or 1, MAX_PACK_WORKERS))
+    workers = workers or _pack_workers(names)
     log.info("data: packing %s into %s (%d processes)", ", ".join(names), out, workers)
     pack_corpus(names, tokenizer_dir, out, seq_len=seq_len, num_shards=workers, pack_buffer=1,
                 drop_overlong=drop_overlong, workers=workers)
@@ -64,3 +66,12 @@ def run_inputs(sources: Sequence[str], val_source: str, tokenizer_dir: str | os.
     out = [(ensure_packed(names, tokenizer_dir, folder, seq_len=seq_len, drop_overlong=drop_overlong)
             if pack else packed_paths(names, folder)) if names else [] for names, folder in jobs]
     return out[0], out[1]
+
+
+def _pack_workers(names: list[str]) -> int:
+    """Processes for packing: one for small local input, else one per core up to MAX_PACK_WORKERS."""
+    units = list_units(names, SkipCounter(quiet=True))
+    local = [Path(u) for u in units if not is_hub_name(u)]
+    if len(local) == len(units) and sum(p.stat().st_size for p in local if p.is_file()) < SMALL_INPUT_BYTES:
+        return 1
+    return max(1, min(os.cpu_count() or 1, MAX_PACK_WORKERS))
