@@ -22,26 +22,43 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import textwrap
 
 import torch
 import torch.nn.functional as F
 from transformers import BatchEncoding, GPTNeoForCausalLM
 
 try:  # the export's copy of the codec; inside ds_train, the codec itself
-    from .mrpt_codec import delinearize, linearize, split_signature
+    from .mrpt_codec import (
+        BOT,
+        COMMENTS,
+        DOC_INDENT,
+        EOT,
+        PAD,
+        PYTHON,
+        delinearize,
+        linearize,
+        render_docstring,
+        split_signature,
+    )
 except ImportError:
-    from ds_train.data.codec import delinearize, linearize, split_signature
+    from ds_train.data.codec import (
+        BOT,
+        COMMENTS,
+        DOC_INDENT,
+        EOT,
+        PAD,
+        PYTHON,
+        delinearize,
+        linearize,
+        render_docstring,
+        split_signature,
+    )
 
 try:
     from transformers import TokenizersBackend as _FastTokenizer
 except ImportError:  # transformers < 5
     from transformers import PreTrainedTokenizerFast as _FastTokenizer
 
-# Copies of ds_train's definitions (this file runs without ds_train; tests/test_hf_generate.py checks
-# that they agree): the special tokens of ds_train.data.tokenizer and ds_train.data.encode's DOC_INDENT.
-BOT, COMMENTS, PYTHON, EOT, PAD = "<bot>", "<comments>", "<python>", "<eot>", "<pad>"
-DOC_INDENT = "    "
 _PROBE = "__mrpt_probe__"
 
 
@@ -196,16 +213,6 @@ def prefix_attention(model: GPTNeoForCausalLM, prefix: torch.Tensor, attention_m
 # ----------------------------------------------------------------------------------------------------
 # The tokenizer
 # ----------------------------------------------------------------------------------------------------
-
-
-def render_docstring(docstring: str) -> str:
-    """The docstring as an indented triple-quoted block, as training renders it (a copy of
-    `ds_train.data.encode.render_docstring`)."""
-    text = docstring.strip().replace('"""', '\\"\\"\\"')
-    if "\n" not in text:
-        return f'{DOC_INDENT}"""{text}"""'
-    body = textwrap.indent(text, DOC_INDENT)[len(DOC_INDENT) :]
-    return f'{DOC_INDENT}"""{body}\n{DOC_INDENT}"""'
 
 
 def split_prompt(source: str) -> tuple[str, str]:

@@ -43,9 +43,14 @@ def make_export(out: Path, copy_code_rows: bool = False) -> tuple[int, list[int]
         eos_token_id=tokenizer.convert_tokens_to_ids("<eot>"),
     )
     model = GPTNeoForCausalLM(config)
-    if copy_code_rows:  # C initialised as a copy of the separated rows of E
-        with torch.no_grad():
-            model.transformer.wte.weight[v:] = model.transformer.wte.weight[separated]
+    with torch.no_grad():
+        wte = model.transformer.wte.weight
+        # the separated tokens' rows (E's and C's) four times longer, so that greedy decoding of this
+        # random model picks separated tokens, whatever the tokenizer's share of them
+        wte[separated] *= 4
+        wte[v:] *= 4
+        if copy_code_rows:  # C initialised as a copy of the separated rows of E
+            wte[v:] = wte[separated]
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "modality_map.json").write_text(

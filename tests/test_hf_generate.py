@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from ds_train import hf, hf_remote
-from ds_train.data import encode
+from ds_train.data import codec, encode
 from ds_train.data import tokenizer as tokenizer_module
 from ds_train.data.codec import linearize
 from ds_train.data.encode import encode_pair, encode_prompt
@@ -250,16 +250,11 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tmp_path_factory):
     assert generator.complete(problems, settings) == [generator.complete([p], settings)[0] for p in problems]
 
 
-def test_the_remote_copies_agree_with_ds_train():
-    """hf_remote.py runs without ds_train, so it carries copies; they must equal the originals."""
-    names = (hf_remote.BOT, hf_remote.COMMENTS, hf_remote.PYTHON, hf_remote.EOT, hf_remote.PAD)
-    assert names == (
-        tokenizer_module.BOT,
-        tokenizer_module.COMMENTS,
-        tokenizer_module.PYTHON,
-        tokenizer_module.EOT,
-        tokenizer_module.PAD,
-    )
-    assert hf_remote.DOC_INDENT == encode.DOC_INDENT
+def test_the_remote_code_takes_its_layout_from_the_codec():
+    """hf_remote.py runs without ds_train, so the export carries a copy of the codec beside it; the
+    special tokens and the docstring rendering must come from there, not from copies in hf_remote."""
+    for name in ("BOT", "COMMENTS", "PYTHON", "EOT", "PAD", "DOC_INDENT", "render_docstring", "delinearize"):
+        assert getattr(hf_remote, name) is getattr(codec, name), name
+    assert (tokenizer_module.EOT, tokenizer_module.PAD) == (codec.EOT, codec.PAD)
     for doc in ["One line.", "Two\nlines.\n  indented", 'Has """ quotes', ""]:
         assert hf_remote.render_docstring(doc) == encode.render_docstring(doc)

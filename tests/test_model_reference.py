@@ -253,7 +253,7 @@ def test_gpu_path_row_kernels_and_cpu_positions_match_original_method(objective:
     from ds_train import loss as loss_module
 
     monkeypatch.setattr(loss_module, "_row_ops",
-                        lambda logits: (loss_module._fused_logsumexp, loss_module._fused_softmax_grad))
+                        lambda logits, fused: (loss_module._fused_logsumexp, loss_module._fused_softmax_grad))
     seed = 100 + OBJECTIVES.index(objective)
     rng = random.Random(seed)
     S = separated_set(rng, "partial")
