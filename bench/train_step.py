@@ -189,7 +189,7 @@ class EagerRowsGPTNeo(GPTNeo):
 
 
 def build_engine(cfg: GPTNeoConfig, zero: int, micro: int, compile_blocks: bool, seed: int,
-                 variant: Variant = Variant()):
+                 variant: Variant = Variant(), accumulation: int = 1):
     import deepspeed  # slow to import; `layouts` runs without it
 
     torch.manual_seed(seed)
@@ -198,7 +198,7 @@ def build_engine(cfg: GPTNeoConfig, zero: int, micro: int, compile_blocks: bool,
         model.compile_blocks(whole=variant.whole_stack)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=torch.cuda.is_available())
     ds_config = {
-        "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation,
         "gradient_clipping": 1.0, "steps_per_print": 10**9,
         "bf16": {"enabled": True, "check_grad_overflow": variant.check_grad_overflow},
         "zero_optimization": {"stage": zero, "overlap_comm": variant.overlap_comm,
@@ -334,8 +334,11 @@ def measure(args, flavor: str, seq: int, batch: int, compile_blocks: bool, layou
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated() if cuda else 0  # the batches, and what earlier measurements left
-    engine = build_engine(cfg, args.zero, batch, compile_blocks, seed=0, variant=variant)
-    seconds, losses = time_engine(engine, batches, args.steps, args.warmup)
+    engine = build_engine(cfg, args.zero, batch, compile_blocks, seed=0, variant=variant,
+                          accumulation=args.accumulation)
+    # whole optimizer steps in the warm-up and the timing: each micro batch's share of one
+    whole = args.accumulation
+    seconds, losses = time_engine(engine, batches, -(-args.steps // whole) * whole, -(-args.warmup // whole) * whole)
     peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if cuda else 0.0
     stats = torch.tensor([seconds, peak], device=dev)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
@@ -345,7 +348,8 @@ def measure(args, flavor: str, seq: int, batch: int, compile_blocks: bool, layou
     raw_tps = batch * seq / seconds  # per GPU
     tps = total.item() / world / seconds  # per GPU
     emit({"kind": "step", "packing": packing, "variant": variant.name, "flavor": flavor, "zero": args.zero,
-          "world_size": world, "batch": batch, "seq": seq, "compiled": compile_blocks,
+          "world_size": world, "batch": batch, "accumulation": args.accumulation, "seq": seq,
+          "compiled": compile_blocks,
           "loss_chunk": cfg.loss_chunk_size, "step_ms": seconds * 1e3, "tokens_per_s": tps * world,
           "raw_tokens_per_s": raw_tps * world, "tokens_per_s_per_gpu": tps,
           "mfu": tps * engine.bench_flops_per_token(seq) / PEAK, "non_pad_share": tps / raw_tps,
@@ -432,6 +436,13 @@ def packings(value: str) -> list[str]:
     return names
 
 
+def positive(value: str) -> int:
+    """A whole number >= 1."""
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a whole number >= 1")
+    return int(value)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -449,8 +460,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--seq", type=int, default=1024)
     run.add_argument("--zero", type=int, default=2)
     run.add_argument("--chunk", type=int, default=4096)
-    run.add_argument("--steps", type=int, default=20)
+    run.add_argument("--steps", type=int, default=20, help="micro batches timed (rounded up to whole optimizer steps)")
     run.add_argument("--warmup", type=int, default=5)
+    run.add_argument("--accumulation", type=positive, default=1,
+                     help="micro batches per optimizer step (the recipe's 256 x 1024 on one GPU at micro 16: 16); "
+                          "step_ms and the rates are per micro batch")
     run.add_argument("--no-compile", action="store_true")
     run.add_argument("--baselines", action="store_true")
     run.add_argument("--sweep", action="store_true")
