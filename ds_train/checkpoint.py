@@ -36,6 +36,7 @@ import torch
 
 from ds_train import distributed
 from ds_train.errors import UsageError, first_line
+from ds_train.fileio import write_text
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +63,6 @@ class Found:
 
 def tag_for(step: int) -> str:
     return f"step-{step}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -124,8 +116,8 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict[str, Any], data_state: An
             marker = {**meta, "step": step, "world_size": world_size,
                       "zero_stage": engine.zero_optimization_stage(),
                       "param_groups": optimizer_param_names(engine), "files": dict(sorted(files.items()))}
-            _atomic_write(path / MARKER, json.dumps(marker, indent=1))
-            _atomic_write(ckpt_dir / "latest", tag)
+            write_text(path / MARKER, json.dumps(marker, indent=1), fsync=True)
+            write_text(ckpt_dir / "latest", tag, fsync=True)
         prune(ckpt_dir, keep_last)
         log.info("checkpoint %s saved", path)
     distributed.barrier()
@@ -480,7 +472,7 @@ def convert_to_universal(path: Path) -> Path:
             ds_to_universal.main(args)
         (path / "latest_universal").unlink(missing_ok=True)  # the converter names the scratch folder there
         _fsync_tree(scratch)  # the marker must never stand beside torn files
-        _atomic_write(scratch / UNIVERSAL_DONE, json.dumps({"from": path.name}))
+        write_text(scratch / UNIVERSAL_DONE, json.dumps({"from": path.name}), fsync=True)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(scratch, out)
     except Exception as err:  # noqa: BLE001 - the converter raises anything, unpickling errors included

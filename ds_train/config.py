@@ -29,6 +29,7 @@ import yaml
 
 from ds_train.data.tokenizer import DEFAULT_VOCAB_SIZE
 from ds_train.errors import UsageError
+from ds_train.fileio import write_text
 from ds_train.model import FLAVORS, LOCAL_ATTENTION
 
 OBJECTIVES = ("text_code_clm", "code_clm", "corrupt_code_clm", "prefix_code_clm")
@@ -439,9 +440,7 @@ def to_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: Path) -> None:
     """Write the YAML beside the target and rename it into place (a failed write leaves the old file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
+    write_text(path, to_yaml(cfg))
 
 
 # ----------------------------------------------------------------------------- DeepSpeed

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +29,7 @@ import torch
 from ds_train import checkpoint, hf
 from ds_train.consolidate import consolidate
 from ds_train.errors import UsageError, first_line, refuse
+from ds_train.fileio import replacing_dir
 from ds_train.model import GPTNeoConfig
 
 log = logging.getLogger(__name__)
@@ -108,32 +107,16 @@ export_checkpoint = export
 
 
 def write_beside(out_dir: Path, write: Callable[[Path], Any]) -> Any:
-    """Run `write` on an empty temporary directory beside `out_dir`, then move it into place; a previous
-    `out_dir` goes only once the new one is complete, and is put back if the move fails. A failed write
-    (a full disk, a refusal) leaves `out_dir` as it was and removes the temporary directory."""
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    """Run `write` on an empty temporary directory beside `out_dir`, then move it into place
+    (`fileio.replacing_dir`): a failed write (a full disk, a refusal) leaves `out_dir` as it was."""
     try:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        result = write(staging)
-        if out_dir.exists():
-            out_dir.rename(old)
-        try:
-            staging.rename(out_dir)
-        except OSError:
-            if old.exists():
-                old.rename(out_dir)
-            raise
+        with replacing_dir(out_dir) as staging:
+            return write(staging)
     except UsageError:
         raise
     except Exception as err:  # tokenizers and safetensors report a failed write as their own types
         log.debug("writing %s failed", out_dir, exc_info=err)
         raise UsageError(f"could not write {out_dir} ({first_line(err)}); it is left as it was") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-    return result
 
 
 def from_original(source: str | Path, out_dir: str | Path, force: bool = False, objective: str = "code_clm",

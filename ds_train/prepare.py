@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from ds_train.data.encode import Encoder
 from ds_train.data.mine import MinedPair, mine
 from ds_train.data.sources import SkipCounter, read_pairs
 from ds_train.data.tokenizer import SEPARATION_FILE, load_tokenizer, train_tokenizer
+from ds_train.fileio import replacing_file
 
 log = logging.getLogger(__name__)
 
@@ -89,23 +89,18 @@ def keep_fitting(pool: Path, out: Path, tok_dir: Path, seq_len: int, limit: int 
     """Copy the pairs of ``pool`` whose layout fits ``seq_len`` tokens into ``out`` (atomically),
     in order, until ``limit`` are kept. Returns (kept, left out for their length)."""
     encoder = Encoder(load_tokenizer(tok_dir))
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     kept = too_long = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as sink:
-            batch = []
-            for pair in read_pairs([str(pool)], SkipCounter()):
-                batch.append(pair)
-                if len(batch) == BATCH:
-                    kept, too_long = _write_fitting(batch, encoder, sink, seq_len, limit, kept, too_long)
-                    batch = []
-                    if limit is not None and kept >= limit:
-                        break
-            if batch and (limit is None or kept < limit):
+    with replacing_file(out) as sink:
+        batch = []
+        for pair in read_pairs([str(pool)], SkipCounter()):
+            batch.append(pair)
+            if len(batch) == BATCH:
                 kept, too_long = _write_fitting(batch, encoder, sink, seq_len, limit, kept, too_long)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+                batch = []
+                if limit is not None and kept >= limit:
+                    break
+        if batch and (limit is None or kept < limit):
+            kept, too_long = _write_fitting(batch, encoder, sink, seq_len, limit, kept, too_long)
     return kept, too_long
 
 

@@ -43,6 +43,7 @@ from ds_train.data.stream import build_dataloader, val_scalars, validation_batch
 from ds_train.data.tokenizer import load_tokenizer, separated_ids
 from ds_train.distributed import DistInfo
 from ds_train.export import export_checkpoint
+from ds_train.fileio import write_text
 from ds_train.hf import load_model
 from ds_train.loss import target_positions
 from ds_train.metrics import Metrics, corpus_pairs, plot_loss_curve, startup_lines, summary_lines
@@ -143,9 +144,7 @@ class Trainer:
         start_step, tokens, data_state = self._resume()
         if self.dist.is_main:  # accepted: only now does the run directory change
             save_config(resolved(self.cfg, self.batch), self.run_dir / "config.yaml")
-            tmp = self.run_dir / "ds_config.json.tmp"
-            tmp.write_text(json.dumps(self.ds_config, indent=2))
-            tmp.replace(self.run_dir / "ds_config.json")
+            write_text(self.run_dir / "ds_config.json", json.dumps(self.ds_config, indent=2))
         self.first_step = start_step
         if start_step >= self.cfg.train.max_steps:
             log.info("run already at step %d of %d; nothing to train", start_step, self.cfg.train.max_steps)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ds_train.errors import UsageError, refuse
+from ds_train.fileio import write_text
 from eval import generate, incremental, passk, problems, protocol
 from eval.generate import Generator, Settings, generate_samples
 from eval.sandbox import Limits, require_opt_in
@@ -321,13 +321,10 @@ def score_and_report(
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to a temporary name beside `path`, then rename: an old file survives a failure."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write JSON beside `path`, then rename: an old file survives a failure."""
     try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, json.dumps(data, indent=1) + "\n")
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
 
 

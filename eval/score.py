@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ds_train.errors import UsageError
+from ds_train.fileio import write_text
 from eval import passk
 from eval.problems import Problem
 from eval.sandbox import Limits, mechanism, run_many
@@ -198,7 +197,7 @@ def score(
 
 
 def _write_results(path: Path, samples: list[dict], outcomes) -> None:
-    write_text_atomic(
+    write_text(
         path,
         "".join(
             json.dumps({**sample, "passed": outcome.passed, "result": outcome.result}) + "\n"
@@ -206,20 +205,3 @@ def _write_results(path: Path, samples: list[dict], outcomes) -> None:
         ),
     )
     log.info("wrote %d per-sample results to %s", len(samples), path)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write to a temporary name beside `path`, then rename: a failed write leaves `path` as it was."""
-    path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"{path} is a directory")
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -9,7 +9,6 @@ import pytest
 
 from eval import sandbox
 from eval.cli import main
-from eval.score import write_text_atomic
 
 PROBLEMS = Path(__file__).parent / "assets" / "eval" / "humaneval_3.jsonl"
 RIGHT = ("HumanEval/2", "    return number % 1.0\n")
@@ -97,15 +96,6 @@ def test_results_replace_the_old_file_only_when_complete(allowed, tmp_path, caps
     assert main(score_argv(samples)) == 0
     assert [json.loads(line)["passed"] for line in results.read_text().splitlines()] == [True]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "report.json", "s.jsonl", results.name]
-
-
-def test_a_failed_atomic_write_leaves_the_target_and_no_temporary(tmp_path):
-    target = tmp_path / "out.jsonl"
-    target.write_text("kept\n")
-    with pytest.raises(UnicodeEncodeError):
-        write_text_atomic(target, "half written \udc80")
-    assert target.read_text() == "kept\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
 
 
 def test_no_isolation_tool_refuses_unless_unsafe_flag(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from ds_train.data.pack import corpus_docs
 from ds_train.data.sources import SkipCounter
 from ds_train.data.tokenizer import DEFAULT_VOCAB_SIZE, adapt_tokenizer, load_tokenizer, train_tokenizer
 from ds_train.errors import UsageError, first_line, refuse
+from ds_train.fileio import replacing_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,18 +109,12 @@ def run_encode(args: argparse.Namespace) -> int:
     skips, counts = SkipCounter(), {"pairs": 0, "docs": 0}
     if args.out.is_dir():
         raise UsageError(f"--out {args.out} is a directory")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as out:
-            for doc in corpus_docs(args.inputs, encoder, skips, counts):
-                encoded = encoder.finish(doc.id, doc.ids, doc.segments, args.epoch)
-                out.write(json.dumps(_encoded_record(encoded, args.objective)) + "\n")
+    with replacing_file(args.out) as out:
+        for doc in corpus_docs(args.inputs, encoder, skips, counts):
+            encoded = encoder.finish(doc.id, doc.ids, doc.segments, args.epoch)
+            out.write(json.dumps(_encoded_record(encoded, args.objective)) + "\n")
         if counts["docs"] == 0:
             raise UsageError(f"nothing to write: no pair of {', '.join(args.inputs)} encodes ({skips.report()})")
-        os.replace(tmp, args.out)
-    finally:
-        tmp.unlink(missing_ok=True)
     print(f"wrote {counts['docs']} encoded pairs to {args.out}; {skips.report()}")
     return 0
 

@@ -51,6 +51,7 @@ from ds_train.data.codec import (
     normalize_newlines,
 )
 from ds_train.errors import UsageError, first_line, refuse
+from ds_train.fileio import replacing_file
 
 logger = logging.getLogger(__name__)
 
@@ -188,14 +189,8 @@ def mine(
     started = time.perf_counter()
     files = [(path, rel) for root in roots for path, rel in _source_files(root, prune, summary.skipped)]
     logger.info("mining %d files under %s", len(files), ", ".join(map(str, roots)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as sink:
-            _mine_files(files, sink, filters, limit, summary, progress)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing_file(out) as sink:
+        _mine_files(files, sink, filters, limit, summary, progress)
     summary.seconds = time.perf_counter() - started
     logger.info("%s", summary.describe())
     return summary

@@ -28,7 +28,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from ds_train.data.encode import Encoder
 from ds_train.data.sources import FILE_REASONS, Keep, Pair, SkipCounter, keep_all, read_pairs
 from ds_train.data.tokenizer import load_tokenizer
 from ds_train.errors import UsageError
+from ds_train.fileio import replacing_dir
 
 logger = logging.getLogger(__name__)
 
@@ -368,16 +368,10 @@ def pack_corpus(
     if target.exists() and not is_packed_dir(target) and (not target.is_dir() or any(target.iterdir())):
         raise UsageError(f"{target} exists and is not a packed folder: name a new or packed folder")
     tokenizer = load_tokenizer(tokenizer_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = target.parent / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(scratch, ignore_errors=True)
-    try:
+    with replacing_dir(target) as scratch:
         meta = _pack_into(names, tokenizer_dir, scratch, seq_len, num_shards, pack_buffer, drop_overlong, workers)
         meta["vocab_size"] = len(tokenizer)
         (scratch / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(scratch, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     logger.info("packed %d pairs into %d rows in %s; skipped %s", meta["pairs"], meta["rows"], target,
                 meta["skipped"])
     return meta
@@ -386,7 +380,7 @@ def pack_corpus(
 def _pack_into(names: list[str], tokenizer_dir: str | os.PathLike, out: Path, seq_len: int, num_shards: int,
                pack_buffer: int, drop_overlong: bool, workers: int) -> dict:
     """Pack every part into the folder ``out``; returns the meta (without the vocabulary size)."""
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     jobs = [PackJob(names, str(tokenizer_dir), str(out), seq_len, num_shards, pack_buffer, drop_overlong, p,
                     workers) for p in range(workers)]
     if workers == 1:
@@ -407,15 +401,6 @@ def _pack_into(names: list[str], tokenizer_dir: str | os.PathLike, out: Path, se
         "workers": workers,
         **meta,
     }
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move the finished folder ``new`` to ``target``; an older output there goes only after that."""
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _pack_part(job: PackJob) -> dict:

@@ -46,8 +46,6 @@ import re
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -66,6 +64,7 @@ from ds_train.data.codec import (  # the layout's tokens live in codec; EOT is r
 )
 from ds_train.data.sources import SkipCounter, read_pairs
 from ds_train.errors import UsageError, first_line
+from ds_train.fileio import replacing_dir
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +159,7 @@ def train_tokenizer(
             total, vocab_size, len(texts), sum(map(len, texts)), len(_pieces(model)),
         )
     out = Path(out_dir)
-    with _staging_dir(out) as tmp:
+    with replacing_dir(out) as tmp:
         (tmp / SENTENCEPIECE_FILE).write_bytes(model)
         wrapped, added = _wrap_sentencepiece(tmp)
         wrapped.save_pretrained(tmp)
@@ -171,25 +170,6 @@ def train_tokenizer(
         len(tokenizer), out, len(added),
     )
     return tokenizer
-
-
-@contextmanager
-def _staging_dir(target: Path) -> Iterator[Path]:
-    """A fresh directory beside ``target``; on success it replaces ``target``, on failure it goes."""
-    if target.exists() and not target.is_dir():
-        raise UsageError(f"{target} exists and is not a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = target.with_name(f".{target.name}.old.{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _whole_words_regex() -> re.Pattern[str]:
@@ -388,7 +368,7 @@ def adapt_tokenizer(base_dir: str | os.PathLike, out_dir: str | os.PathLike) -> 
     added = adapted_additions(tokenizer)
     tokenizer.add_tokens([AddedToken(t, single_word=True, normalized=False) for t in added])
     out = Path(out_dir)
-    with _staging_dir(out) as tmp:
+    with replacing_dir(out) as tmp:
         tokenizer.save_pretrained(tmp)
         write_separation(load_tokenizer(tmp, check_separation=False), tmp)
     tokenizer = load_tokenizer(out)
