@@ -8,4 +8,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/bootstrap.sh
 export TOKENIZERS_PARALLELISM=false
-exec .venv/bin/ds-train --run.dir="${RUN_DIR:-runs/default}" "$@"
+# 2% of the mined pairs held out: their loss is `val/loss`, every 100 steps and after the last one
+exec .venv/bin/ds-train --run.dir="${RUN_DIR:-runs/default}" --data.val_share=0.02 --eval.every_steps=100 "$@"

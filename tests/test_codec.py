@@ -413,6 +413,7 @@ def read_parsable(path: Path) -> tuple[str, str] | None:
         return None
 
 
+@pytest.mark.slow
 def test_round_trip_standard_library() -> None:
     checked, failures = 0, []
     for path in stdlib_sources():

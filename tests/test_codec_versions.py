@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs the round trip under other interpreters
+
 CODEC_DIR = Path(__file__).resolve().parents[1] / "ds_train" / "data"
 
 SWEEP = r"""

@@ -14,6 +14,8 @@ import pytest
 from eval.problems import completion_after, load_benchmark, reference_lin
 from eval.sandbox import Limits, mechanism, run_many, run_program
 
+pytestmark = pytest.mark.slow  # every test here runs programs in the sandbox
+
 SECRET = "ds-eval-test-secret-4f1c"
 GOOD_TEST = "assert f(2) == 4\n"
 

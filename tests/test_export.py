@@ -24,6 +24,8 @@ import pytest
 import torch
 from torch import nn
 
+pytestmark = pytest.mark.slow  # world-of-two checkpoints come from a torchrun job; every export runs the whole pipeline
+
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "tests" / "assets" / "tokenizer"
 STEP = 2

@@ -255,6 +255,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(capsys, exports, data, tmp_pat
     assert err[-1].startswith("ds-eval loss: ") and fragment in err[-1], err
 
 
+@pytest.mark.slow
 def test_python_dash_m_eval_loss_and_the_ds_export_script(exports, data, runs, tmp_path):
     """Both entry points as real processes: the JSON last line, and one error line with exit code 2."""
     import os

@@ -36,6 +36,8 @@ from ds_train.distributed import free_port
 from ds_train.train import main
 from tests.test_train import ASSETS, ROOT, _launch_two_ranks, losses, overrides
 
+pytestmark = pytest.mark.slow  # every test here starts ranks or runs whole jobs
+
 SEQ_LEN = 128
 
 

@@ -33,6 +33,8 @@ from ds_train.train import TENSOR_KEYS, main
 from tests.test_faults import _layout_lengths, in_process  # noqa: F401 (fixture: a world of one in-process)
 from tests.test_train import ASSETS, _launch_two_ranks, losses, overrides
 
+pytestmark = pytest.mark.slow  # every test here launches ranks and resumes them under other layouts
+
 SEQ_LEN = 128
 K, N = 3, 6  # the saved step and the last step
 SETTINGS = {"train__global_batch_size": 4, "train__max_steps": N, "checkpoint__every_steps": K,

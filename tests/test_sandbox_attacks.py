@@ -23,6 +23,8 @@ import pytest
 from ds_train.errors import UsageError
 from eval import sandbox
 
+pytestmark = pytest.mark.slow  # every test here runs sandboxed programs as root and as nobody
+
 SECRET = "ds-eval-attack-secret-9d2e"
 REPO = Path(__file__).resolve().parents[1]
 NOBODY = 65534
