@@ -185,7 +185,8 @@ class _FlatView:
 
 
 def _progress(total: int, desc: str, enabled: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="param", disable=not enabled, leave=False)
+    # disable=None: no bar off a terminal (a log file would get every update)
+    return tqdm(total=total, desc=desc, unit="param", disable=None if enabled else True, leave=False)
 
 
 def _param_groups(model_state: dict[str, Any], where: Path) -> list[dict[str, torch.Size]]:

@@ -369,7 +369,7 @@ def generate_samples(
         )
     with (
         open(samples_path, "a", encoding="utf-8") as f,
-        tqdm(total=len(todo), desc="generating", unit="sample") as bar,
+        tqdm(total=len(todo), desc="generating", unit="sample", disable=None) as bar,  # no bar off a terminal
     ):
         for batch in batches(todo, settings.batch_size):
             set_seed(batch_seed(settings.seed, batch))

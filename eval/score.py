@@ -165,7 +165,8 @@ def score(
         (by_id[s["task_id"]].prompt + s["completion"], by_id[s["task_id"]].test, by_id[s["task_id"]].check)
         for s in known
     ]
-    bar = tqdm(total=len(jobs), desc="executing", unit="sample", disable=not progress)
+    # disable=None: no bar off a terminal (a log file would get every update)
+    bar = tqdm(total=len(jobs), desc="executing", unit="sample", disable=None if progress else True)
     outcomes = run_many(
         jobs,
         limits=limits,

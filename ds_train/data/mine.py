@@ -206,7 +206,8 @@ def _mine_files(
 ) -> None:
     """Write the pairs of these files to `sink`, counting into `summary`, until `limit`."""
     seen: set[str] = set()
-    bar = tqdm(files, desc="mine", unit="file", disable=not progress, dynamic_ncols=True)
+    # disable=None: no bar off a terminal (a log file would get every update)
+    bar = tqdm(files, desc="mine", unit="file", disable=None if progress else True, dynamic_ncols=True)
     for path, rel in bar:
         summary.files += 1
         for pair in _file_pairs(path, rel, filters, seen, summary.skipped):
