@@ -1,4 +1,4 @@
-"""Host time of the training step, measured on the CPU where the compute is negligible (issue 7).
+"""Host time of the training step, measured on the CPU where the compute is negligible.
 
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 python bench/host_overhead.py
 
