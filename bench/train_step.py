@@ -6,6 +6,8 @@
     # on the GPU (deepspeed from the wheels of bench/gpu_wheels.sh):
     python bench/train_step.py run --packing rows,stream --more-batches 32 --lean path/to/lean_gpt.py \
         --baselines --out results.jsonl
+    # the recipe's 256 x 1024 on one GPU: micro batch 16, 16 micro batches per optimizer step
+    python bench/train_step.py run --packing rows,stream --accumulation 16 --steps 64 --warmup 16
     python bench/train_step.py run --baselines --sweep --curve 200 --out results.jsonl
     # a smoke run on the CPU (DeepSpeed's CPU accelerator, not compiled; the figures mean nothing)
     DS_ACCELERATOR=cpu python bench/train_step.py run --flavor tiny --seq 128 --batch 2 --vocab 3000 \
