@@ -396,15 +396,15 @@ class Trainer:
         return stats_sum
 
     def _log_expected_epochs(self, batch: dict) -> None:
-        """From the first micro batch: pairs per packed row, and so about how many epochs the run covers."""
+        """From the first micro batch: pairs per micro batch, and so about how many epochs the run covers."""
         pairs = self.pairs
         if not self.dist.is_main or not pairs or "doc_ids" not in batch:
             return
-        docs = batch["doc_ids"]
-        per_row = sum(len(set(r[r >= 0].tolist())) for r in docs) / max(len(docs), 1)
-        epochs = self.cfg.train.max_steps * self.batch.global_ * per_row / pairs
-        log.info("expected epochs: ~%.1f (%d steps x %d rows x ~%.1f pairs per row in the first batch / %s pairs)",
-                 epochs, self.cfg.train.max_steps, self.batch.global_, per_row, f"{pairs:,}")
+        per_micro = sum(len(set(r[r >= 0].tolist())) for r in batch["doc_ids"])  # documents restart per row
+        micro_per_step = self.batch.global_ // self.batch.micro
+        epochs = self.cfg.train.max_steps * micro_per_step * per_micro / pairs
+        log.info("expected epochs: ~%.1f (%d steps x %d micro batches x ~%d pairs in the first one / %s pairs)",
+                 epochs, self.cfg.train.max_steps, micro_per_step, per_micro, f"{pairs:,}")
 
     def _inputs(self, batch: dict) -> dict[str, torch.Tensor]:
         """The model's inputs on this rank's device, with what needs the values worked out on the CPU."""
