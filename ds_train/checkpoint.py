@@ -459,7 +459,7 @@ def convert_to_universal(path: Path) -> Path:
     if (out / UNIVERSAL_DONE).is_file():
         log.info("reusing the universal checkpoint %s", out)
         return out
-    from deepspeed.checkpoint import ds_to_universal
+    from deepspeed.checkpoint import ds_to_universal  # slow to import; needed only to reshard
 
     scratch = path / f".{UNIVERSAL}.partial"
     shutil.rmtree(scratch, ignore_errors=True)

@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 
 from ds_train.data import mine
+from ds_train.data.batch import batch_spec, describe_row, make_batch
 from ds_train.data.encode import OBJECTIVES, Encoder
-from ds_train.data.pack import corpus_docs
-from ds_train.data.sources import SkipCounter
+from ds_train.data.pack import Doc, Shard, corpus_docs, is_packed_dir, pack, pack_corpus, read_meta, shard_paths
+from ds_train.data.sources import SkipCounter, read_pairs
 from ds_train.data.tokenizer import DEFAULT_VOCAB_SIZE, adapt_tokenizer, load_tokenizer, train_tokenizer
 from ds_train.errors import UsageError, first_line, refuse
 from ds_train.fileio import replacing_file
@@ -127,8 +128,6 @@ def _encoded_record(enc, objective: str) -> dict:
 
 
 def run_pack(args: argparse.Namespace) -> int:
-    from ds_train.data.pack import pack_corpus
-
     meta = pack_corpus(
         args.inputs,
         args.tokenizer,
@@ -149,17 +148,9 @@ def run_pack(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from ds_train.data.batch import batch_spec, describe_row, make_batch
-    from ds_train.data.encode import Encoder
-    from ds_train.data.pack import Doc, Shard, is_packed_dir, pack, shard_paths
-    from ds_train.data.sources import SkipCounter, read_pairs
-    from ds_train.data.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(args.tokenizer)
     encoder = Encoder(tokenizer, args.objective)
     if is_packed_dir(args.source):
-        from ds_train.data.pack import read_meta
-
         seq_len = int(read_meta(args.source)["seq_len"])
         shard = Shard(shard_paths(args.source)[0])
         if not 0 <= args.row < len(shard):
