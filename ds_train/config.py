@@ -27,13 +27,12 @@ from typing import Any
 
 import yaml
 
-from ds_train.data.tokenizer import DEFAULT_VOCAB_SIZE
+from ds_train.data.encode import OBJECTIVES
+from ds_train.data.tokenizer import DEFAULT_VOCAB_SIZE, SEPARATION_MODES
 from ds_train.errors import UsageError
 from ds_train.fileio import write_text
 from ds_train.model import FLAVORS, LOCAL_ATTENTION
 
-OBJECTIVES = ("text_code_clm", "code_clm", "corrupt_code_clm", "prefix_code_clm")
-SEPARATIONS = ("none", "partial", "full")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 EXPORT_DTYPES = ("fp16", "bf16", "fp32")
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
@@ -250,8 +249,8 @@ def _value_problems(cfg: Config, has_gpu: bool) -> list[str]:
 
     need(cfg.objective.name in OBJECTIVES,
          f"objective.name={cfg.objective.name!r}: expected one of {', '.join(OBJECTIVES)}")
-    need(cfg.objective.separation in SEPARATIONS,
-         f"objective.separation={cfg.objective.separation!r}: expected one of {', '.join(SEPARATIONS)}")
+    need(cfg.objective.separation in SEPARATION_MODES,
+         f"objective.separation={cfg.objective.separation!r}: expected one of {', '.join(SEPARATION_MODES)}")
     need(0.0 <= cfg.objective.corrupt_prob <= 1.0,
          f"objective.corrupt_prob={cfg.objective.corrupt_prob}: expected 0..1")
     need(cfg.model.flavor in FLAVORS, f"model.flavor={cfg.model.flavor!r}: expected one of {', '.join(FLAVORS)}")
