@@ -111,6 +111,7 @@ class Metrics:
                                  tok_s=f"{tps:,.0f}", refresh=False)
         else:
             text = f"  text {row['train/loss_text']:.4f}" if "train/loss_text" in row else ""
+            text += f"  val {row['val/loss']:.4f}" if "val/loss" in row else ""
             log.info("step %d/%d  loss %.4f  code %.4f%s  lr %.2e  %s tokens/s (raw %s)  %.3f s/step",
                      step, self.total_steps, row["train/loss"], row["train/loss_code"], text,
                      row.get("train/lr", 0.0), f"{tps:,.0f}", f"{raw_tps:,.0f}", row["perf/step_time_s"])
