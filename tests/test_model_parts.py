@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_mask
 
-from ds_train.attention import attend, block_mask, build_masks, dense_mask, make_mask_mod
+from ds_train.attention import Regrouped, attend, block_mask, build_masks, dense_mask, make_mask_mod
 from ds_train.loss import modality_loss
 from ds_train.model import FLAVORS, GPTNeo, GPTNeoConfig
 
@@ -281,3 +281,36 @@ def test_flavors_parameter_count_by_hand(name: str) -> None:
     assert model.num_params() == expected
     assert model.flops_per_token(1024) == 6 * expected + 12 * L * d * 1024
     assert config.attention_types == tuple("global" if i % 2 == 0 else "local" for i in range(L))
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_a_long_stream_regrouped_into_rows_attends_as_the_dense_rule(window: int | None) -> None:
+    """A micro batch packed as one stream of short documents: the reference path regroups the documents
+    into rows (one gather, one scatter); outputs and gradients equal the (1, T, T) dense rule's."""
+    rng = torch.Generator().manual_seed(7)
+    lengths = torch.randint(3, 20, (30,), generator=rng).tolist()
+    T = sum(lengths) + 5  # five padding tokens at the tail
+    doc_ids = torch.full((1, T), -1, dtype=torch.int32)
+    prefix = torch.zeros(1, T, dtype=torch.bool)
+    start = 0
+    for d, n in enumerate(lengths):
+        doc_ids[0, start : start + n] = d
+        prefix[0, start : start + min(n, d % 4)] = True  # some documents with a bidirectional prefix
+        start += n
+    masks = build_masks(doc_ids, prefix, [window], "sdpa")
+    assert isinstance(masks[window], Regrouped)  # 30 documents of < 20 tokens: rows of 64, not T x T
+    dense = dense_mask(doc_ids, prefix, window)
+    q, k, v = (torch.randn(1, 2, T, 8, dtype=torch.float64, generator=rng, requires_grad=True) for _ in range(3))
+    ours = attend(q, k, v, masks[window])
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    reference = attend(q, k, v, dense)
+    ref_grads = torch.autograd.grad(reference.square().sum(), (q, k, v))
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_rows_that_are_already_short_keep_the_dense_mask() -> None:
+    batch = packed_batch()
+    masks = build_masks(batch["doc_ids"], batch["prefix"], [None, 3], "sdpa")
+    assert all(isinstance(m, torch.Tensor) for m in masks.values())
