@@ -388,10 +388,8 @@ def test_full_disk_during_a_save_stops_cleanly(base_run, tmp_path, corpus, caplo
 
 
 def _snapshot(run_dir: Path) -> dict[str, bytes]:
-    """Every file's bytes, but config.yaml: each start writes the resolved config of its invocation there
-    (this copy's run.dir differs from the original's)."""
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and p.name != "config.yaml"}
+    """Every file's bytes (config.yaml included: a run writes it only once it is accepted)."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
 def test_resume_refuses_when_no_checkpoint_can_be_read(base_run, tmp_path, corpus, capsys):
