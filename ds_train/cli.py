@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from ds_train.config_cli import parse_args, print_config
 
 
@@ -17,3 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     from ds_train import train
 
     return train.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -110,7 +110,7 @@ def test_step_benchmark_on_one_and_every_gpu(gpus):
                            "--steps", "20", "--warmup", "5", "--out", str(out)], f"scale_{n}gpu_zero{zero}", 600)
         assert code == 0, text[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("kind") == "ours_deepspeed"]
+    rows = [r for r in rows if r.get("kind") == "step"]
     assert sorted((r["world_size"], r["zero"]) for r in rows) == sorted(
         [(1, 2), (gpus, 2), (gpus, 3)] if gpus > 1 else [(1, 2), (1, 3)])
     assert all(math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0 for r in rows)
