@@ -41,14 +41,18 @@ def per_problem(counts: Mapping[str, tuple[int, int]], ks: Iterable[int]) -> dic
 
 def overall(counts: Mapping[str, tuple[int, int]], ks: Iterable[int]) -> dict[str, float]:
     """Mean pass@k over tasks, for each k that every task has enough samples for."""
-    if not counts:
+    return _mean_pass_at_k(counts.values(), ks, counts)
+
+
+def _mean_pass_at_k(
+    groups: Iterable[tuple[int, int]], ks: Iterable[int], tasks: Mapping[str, tuple[int, int]]
+) -> dict[str, float]:
+    """Mean pass@k over `groups` ((n, c) each), for each k that every task of `tasks` has k samples for."""
+    groups = list(groups)
+    if not groups:
         return {}
-    fewest = min(n for n, _ in counts.values())
-    return {
-        f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in counts.values()) / len(counts)
-        for k in ks
-        if k <= fewest
-    }
+    fewest = min(n for n, _ in tasks.values())
+    return {f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in groups) / len(groups) for k in ks if k <= fewest}
 
 
 def micro(
@@ -62,11 +66,4 @@ def micro(
     for task, (n, c) in counts.items():
         pooled[problem_of(task)][0] += n
         pooled[problem_of(task)][1] += c
-    if not pooled:
-        return {}
-    fewest = min(n for n, _ in counts.values())
-    return {
-        f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in pooled.values()) / len(pooled)
-        for k in ks
-        if k <= fewest
-    }
+    return _mean_pass_at_k((tuple(nc) for nc in pooled.values()), ks, counts)

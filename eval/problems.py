@@ -25,6 +25,7 @@ import gzip
 import importlib.util
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,8 +109,13 @@ def load_benchmark(name: str, split: str = "test") -> list[Problem]:
     raise UsageError(f"unknown benchmark {name!r}; expected humaneval or mbpp")
 
 
-def load_problems(path: str | Path) -> list[Problem]:
-    """Read a problems file in the HumanEval or the MBPP jsonl format (detected by fields)."""
+def load_problems(
+    path: str | Path,
+    humaneval: Callable[[dict, str], Problem] | None = None,
+    mbpp: Callable[[dict, str], Problem] | None = None,
+) -> list[Problem]:
+    """Read a problems file in the HumanEval or the MBPP jsonl format (detected by fields); each record
+    becomes a Problem through `humaneval` / `mbpp` (default: the standard protocol's builders)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"problems file {path} does not exist")
@@ -117,9 +123,9 @@ def load_problems(path: str | Path) -> list[Problem]:
     for lineno, record in read_jsonl(path):
         where = f"{path}:{lineno}"
         if HUMANEVAL_FIELDS <= record.keys():
-            problems.append(humaneval_problem(record, where))
+            problems.append((humaneval or humaneval_problem)(record, where))
         elif MBPP_FIELDS <= record.keys():
-            problems.append(mbpp_problem(record, where))
+            problems.append((mbpp or mbpp_problem)(record, where))
         else:
             raise UsageError(f"{where}: not a HumanEval or MBPP record (fields: {', '.join(sorted(record))})")
     if not problems:

@@ -38,16 +38,14 @@ from dataclasses import asdict, dataclass, replace
 
 from ds_train.data.codec import code_tokens, delinearize, linearize, normalize_newlines, split_signature
 from ds_train.errors import UsageError
+from eval import problems as problems_module
 from eval.problems import (
-    HUMANEVAL_FIELDS,
-    MBPP_FIELDS,
     MBPP_FILE,
     Problem,
     completion_after,
     humaneval_file,
     mbpp_split_ids,
     prefix_lines,
-    read_jsonl,
 )
 
 log = logging.getLogger(__name__)
@@ -239,18 +237,7 @@ def load_benchmark(name: str, split: str = "test") -> list[Problem]:
 
 def load_problems(path) -> list[Problem]:
     """A problems file in the HumanEval or MBPP jsonl format (told apart by fields), mrpt protocol."""
-    problems = []
-    for lineno, record in read_jsonl(path):
-        where = f"{path}:{lineno}"
-        if HUMANEVAL_FIELDS <= record.keys():
-            problems.append(humaneval_problem(record, where))
-        elif MBPP_FIELDS <= record.keys():
-            problems.append(mbpp_problem(record, where))
-        else:
-            raise UsageError(f"{where}: not a HumanEval or MBPP record (fields: {', '.join(sorted(record))})")
-    if not problems:
-        raise UsageError(f"problems file {path} holds no problems")
-    return problems
+    return problems_module.load_problems(path, humaneval=humaneval_problem, mbpp=mbpp_problem)
 
 
 # --------------------------------------------------------------------------------------------
