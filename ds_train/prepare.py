@@ -66,23 +66,18 @@ def _ensure_mined(cfg: Config, out: Path, tok_dir: Path) -> None:
         if not cfg.data.tokenizer:
             _ensure_tokenizer(cfg, [str(pool if pool.is_file() else out)], tok_dir)
         return
-    summary = None
     if pool.is_file() and pool.stat().st_size > 0:
         log.info("corpus: reusing the mined pool %s", pool)
     else:
         paths = [Path(p) for p in cfg.data.mine_paths] or None
         limit = math.ceil(cfg.data.mine_limit * POOL_SHARE) if cfg.data.mine_limit else None
         log.info("corpus: mining Python sources into %s", pool)
-        summary = mine(paths, pool, limit=limit)
+        mine(paths, pool, limit=limit)  # logs its summary line
     if not cfg.data.tokenizer:
         _ensure_tokenizer(cfg, [str(pool)], tok_dir)
     kept, too_long = keep_fitting(pool, out, tok_dir, cfg.data.seq_len, cfg.data.mine_limit or None)
-    if summary is not None:
-        summary.fitted(kept, too_long, cfg.data.seq_len)
-        log.info("corpus: %s", summary)
-    else:
-        log.info("corpus: kept %d pairs of %s; %d left out (longer than %d tokens)", kept, pool, too_long,
-                 cfg.data.seq_len)
+    log.info("corpus: kept %d pairs of %s; %d left out (longer than %d tokens)", kept, pool, too_long,
+             cfg.data.seq_len)
 
 
 def keep_fitting(pool: Path, out: Path, tok_dir: Path, seq_len: int, limit: int | None) -> tuple[int, int]:

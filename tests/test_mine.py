@@ -324,8 +324,6 @@ def test_summary_prints_as_one_readable_line(tmp_path: Path) -> None:
     text = f"corpus: {summary}"
     assert text.startswith(f"corpus: mined {summary.kept} pairs from 3 files") and "\n" not in text
     assert "MineSummary(" not in text and "Counter(" not in text and "PosixPath(" not in text
-    summary.fitted(5, 2, 512)
-    assert str(summary).endswith("; kept 5 that fit 512-token rows (2 left out as longer)")
 
 
 def test_prepare_keeps_the_mined_pairs_that_fit_a_row(tmp_path: Path) -> None:

@@ -111,25 +111,16 @@ class MineSummary:
     skipped: Counter[str] = field(default_factory=Counter)  # reason -> count
     limit_reached: bool = False
     seconds: float = 0.0
-    fit: tuple[int, int, int] | None = None  # (kept, left out, row length) of a later length filter
-
-    def fitted(self, kept: int, too_long: int, seq_len: int) -> None:
-        """Record the outcome of a filter by token length applied to the mined pairs afterwards."""
-        self.fit = (kept, too_long, seq_len)
 
     def describe(self) -> str:
-        """One line: kept pairs, files, rate, the skip counts by reason, and the length filter."""
+        """One line: kept pairs, files, rate and the skip counts by reason."""
         rate = self.kept / self.seconds if self.seconds > 0 else 0.0
         skipped = ", ".join(f"{reason}={n}" for reason, n in sorted(self.skipped.items())) or "none"
         stop = " (limit reached)" if self.limit_reached else ""
-        line = (
+        return (
             f"mined {self.kept} pairs{stop} from {self.files} files in {self.seconds:.1f}s "
             f"({rate:.0f} pairs/s) into {self.out}; skipped: {skipped}"
         )
-        if self.fit is not None:
-            kept, too_long, seq_len = self.fit
-            line += f"; kept {kept} that fit {seq_len}-token rows ({too_long} left out as longer)"
-        return line
 
     __str__ = describe
 
