@@ -219,8 +219,26 @@ class StreamDataset(IterableDataset):
             if m % R == r and (m // R) % workers == worker:
                 batch = make_stream_batch([self.corpus.doc(k) for _, k in docs], [e for e, _ in docs],
                                           self.spec, self.cfg.budget)
-                yield batch
+                yield batch if info is None else _as_arrays(batch)
             at, m = after, m + 1
+
+
+def _as_arrays(batch: dict) -> dict:
+    """A worker hands its batch over as numpy arrays, pickled through the worker's pipe: tensors would
+    go as shared-memory file descriptors through multiprocessing's resource sharer, whose thread prints
+    a traceback when the rank's main process is killed in the middle of a hand-over."""
+    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _as_tensors(batch: dict, pin: bool) -> dict:
+    """The batch's arrays as tensors again, in page-locked memory on a GPU machine (asynchronous copies)."""
+    tensors = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+    return {k: v.pin_memory() if pin and isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
+
+
+def _unchanged(batch: dict) -> dict:
+    """The dataloader's collate function: the batch as the dataset made it (no conversion in the worker)."""
+    return batch
 
 
 _EXIT_HOOK = False
@@ -273,17 +291,17 @@ class StreamLoader:
             _EXIT_HOOK = bool(atexit.register(_kill_workers_at_exit))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*set_vital.*")
-            return DataLoader(self.dataset, batch_size=None, num_workers=workers,
-                              prefetch_factor=4 if workers else None, worker_init_fn=_ignore_stop_signals,
-                              pin_memory=torch.cuda.is_available())  # page-locked: asynchronous copies
+            return DataLoader(self.dataset, batch_size=None, num_workers=workers, collate_fn=_unchanged,
+                              prefetch_factor=4 if workers else None, worker_init_fn=_ignore_stop_signals)
 
     def __iter__(self) -> Iterator[dict]:
         self.dataset.start, self.taken = self.position(), 0
         self._walked = (0, self.dataset.start)
         self.loader = self._loader()
+        pin = torch.cuda.is_available()
         for batch in self.loader:
             self.taken += 1
-            yield batch
+            yield _as_tensors(batch, pin)
 
     def close(self) -> None:
         """Stop the workers now. Close the generators of ``iter(self)`` first: the last reference to the
