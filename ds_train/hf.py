@@ -23,9 +23,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 import shutil
+import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from ds_train import hf_original
 from ds_train.data import codec
 from ds_train.data.tokenizer import EOT, PAD, SPECIAL_TOKENS, load_tokenizer
 from ds_train.errors import UsageError, first_line
+from ds_train.fileio import replacing_dir
 from ds_train.model import GPTNeo, GPTNeoConfig
 
 log = logging.getLogger(__name__)
@@ -447,12 +449,10 @@ def convert_original(
     if head is not None and not torch.equal(head, table):
         raise UsageError(f"{src}: lm_head.weight differs from the token table: only a tied head is supported")
     plan = hf_original.renumbering(mapping, table.shape[0])
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    target = out if out.exists() else staging / "model"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        hf_original.rewrite_tokenizer(src, staging / "tokenizer", plan)
-        tokenizer = load_tokenizer(staging / "tokenizer", check_separation=False)
+    with tempfile.TemporaryDirectory(prefix="ds_train-original-") as scratch:
+        tokenizer_dir = Path(scratch) / "tokenizer"
+        hf_original.rewrite_tokenizer(src, tokenizer_dir, plan)
+        tokenizer = load_tokenizer(tokenizer_dir, check_separation=False)
         if len(tokenizer) != plan.vocab_size:
             raise UsageError(
                 f"{src}: the tokenizer has {len(tokenizer)} tokens without duplicates, the table "
@@ -468,10 +468,7 @@ def convert_original(
         )
         weights["transformer.wte.weight"] = hf_original.convert_table(table, plan)
         state = from_hf_state_dict(weights, config)
-        target.mkdir(exist_ok=True)
-        write_hf_dir(target, config, state, staging / "tokenizer", separation="original", objective=objective)
-        if target != out:
-            target.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        # an empty directory is written in place; a new name appears only when complete
+        with (nullcontext(out) if out.exists() else replacing_dir(out)) as target:
+            write_hf_dir(target, config, state, tokenizer_dir, separation="original", objective=objective)
     return ModalityMap.read(out)
