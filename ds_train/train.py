@@ -387,9 +387,7 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             stats_sum += stats.to(dev)
-            # useful tokens, counted on the host copy of the batch (no device sync)
-            self.useful_tokens += int((batch["doc_ids"] >= 0).sum()) if "doc_ids" in batch else \
-                int((batch["input_ids"] != self.model_config.pad_token_id).sum())
+            self.useful_tokens += batch["num_tokens"]  # counted when the stream built the batch
             done += 1
             self.nonfinite_in_a_row = 0
             self.trained_ids.append({"ids": ids})
