@@ -172,18 +172,6 @@ def plot_loss_curve(run_dir: Path, out: Path) -> Path | None:
 # ----------------------------------------------------------------------------- start-up and summary
 
 
-def corpus_pairs(sources: list[str]) -> int | None:
-    """Pairs in the corpus when it is cheap to know (local JSONL files: one line each); else None."""
-    total = 0
-    for src in sources:
-        path = Path(src)
-        if path.suffix != ".jsonl" or not path.is_file():
-            return None
-        with path.open("rb") as f:
-            total += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-    return total
-
-
 def _count(n: float) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= size:

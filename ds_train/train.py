@@ -38,6 +38,7 @@ from ds_train.config import (
     save_config,
 )
 from ds_train.config_cli import parse_args, print_config
+from ds_train.data.pack import read_meta
 from ds_train.data.prepack import run_inputs
 from ds_train.data.stream import build_dataloader, val_scalars, validation_batches
 from ds_train.data.tokenizer import load_tokenizer, separated_ids
@@ -46,7 +47,7 @@ from ds_train.export import export_checkpoint
 from ds_train.fileio import write_text
 from ds_train.hf import load_model
 from ds_train.loss import target_positions
-from ds_train.metrics import Metrics, corpus_pairs, plot_loss_curve, startup_lines, summary_lines
+from ds_train.metrics import Metrics, plot_loss_curve, startup_lines, summary_lines
 from ds_train.model import GPTNeo, GPTNeoConfig, check_batch_ranges
 from ds_train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 from ds_train.prepare import Prepared, prepare, tokenizer_sha
@@ -133,7 +134,7 @@ class Trainer:
         self.trained_ids: list[dict[str, Any]] = []  # this step's micro batches (data.trace_ids)
         self.skipped_ids: list[str] = []
         self.resumed_from: checkpoint.Found | None = None  # the checkpoint this run resumed, if any
-        self.pairs: int | None = None  # pairs in the corpus, where cheap to count (rank 0)
+        self.pairs: int | None = None  # documents of the packed training corpus (rank 0)
 
     # ------------------------------------------------------------------ setup
     def run(self) -> Outcome | None:
@@ -150,7 +151,7 @@ class Trainer:
             log.info("run already at step %d of %d; nothing to train", start_step, self.cfg.train.max_steps)
             return Outcome(start_step, tokens, {}, self._latest_path(), False)
         if self.dist.is_main:
-            self.pairs = corpus_pairs(prepared.sources)
+            self.pairs = sum(int(read_meta(p)["docs"]) for p in self.train_sources)  # the packed corpus
             for line in startup_lines(self.cfg, self.batch, self.n_params, self.meta, start_step, self.pairs):
                 log.info("%s", line)
         self.loader = self._dataloader(data_state)
