@@ -29,7 +29,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ds_train.errors import UsageError, refuse
 from ds_train.fileio import write_text
-from eval import generate, incremental, passk, problems, protocol
+from eval import generate, incremental, loss, passk, problems, protocol
 from eval.generate import Generator, Settings, generate_samples
 from eval.sandbox import Limits, require_opt_in
 from eval.score import score
@@ -132,8 +132,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_loss(argv: list[str]) -> int:
-    from eval import loss  # lazy: pulls in the training stack
-
     parser = argparse.ArgumentParser(prog=f"{PROG} loss")
     loss.add_arguments(parser)
     return loss.run(parser.parse_args(argv))

@@ -221,7 +221,7 @@ def test_code_execution_needs_opt_in_once(tmp_path, monkeypatch, capsys):
     assert last_json(capsys)["pass@1"] == 1.0
 
 
-def test_loss_subcommand_is_dispatched_lazily(capsys):
+def test_loss_subcommand_is_dispatched(capsys):
     with pytest.raises(SystemExit) as info:
         main(["loss", "--help"])
     assert info.value.code == 0
