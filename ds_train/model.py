@@ -413,14 +413,18 @@ class GPTNeo(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.d_model * seq_len
 
-    def compile_blocks(self, whole: bool = True) -> None:
+    def compile_blocks(self, whole: bool = True, cuda_graphs: bool = False) -> None:
         """The GPU fast path: torch.compile the blocks (parameter names do not change).
 
         `whole`: the block stack as one graph (one launch of compiled code per pass, which matters at
-        this size: the step is bound by host work); else each block on its own.
+        this size: the step is bound by host work); else each block on its own. `cuda_graphs`: the
+        stack's forward and backward replayed as CUDA graphs (torch.compile's "reduce-overhead" mode:
+        one launch for all of a pass's kernels; its inputs are copied into static buffers first). Off in
+        training: under DeepSpeed's engine it made the step slower (BENCHMARKS.md); kept for measuring.
         """
+        mode = "reduce-overhead" if cuda_graphs else None
         if whole:
-            self._run_blocks = torch.compile(self._blocks, dynamic=False)
+            self._run_blocks = torch.compile(self._blocks, dynamic=False, mode=mode)
         else:
             for block in self.h:
-                block.compile(dynamic=False)
+                block.compile(dynamic=False, mode=mode)

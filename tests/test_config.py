@@ -145,6 +145,22 @@ def test_one_rank_zero2_drops_overlap_comm_and_bf16_skips_the_overflow_scan():
     assert one["bf16"] == {"enabled": True, "check_grad_overflow": False}  # our own non-finite check serves
 
 
+def test_deepspeeds_throughput_timer_never_synchronises_the_device(tmp_path):
+    """DeepSpeed's throughput timer is on and synchronising by default (a device sync at every forward
+    and step(), which keeps the host from running ahead); the merged config turns it off, as DeepSpeed's
+    own parser reads it, unless a listed JSON sets it."""
+    from deepspeed.utils.config import get_timers_config
+
+    assert get_timers_config({}).synchronized  # DeepSpeed's default, which the merged config must override
+    cfg = load_config(None, ["--train.deepspeed=zero2.json"])
+    timers = get_timers_config(deepspeed_config(cfg, batch_arithmetic(cfg.train, 1), "bf16"))
+    assert not timers.enabled and not timers.synchronized
+    listed = tmp_path / "timers.json"
+    listed.write_text(json.dumps({"timers": {"throughput": {"enabled": True, "synchronized": True}}}))
+    cfg = load_config(None, [f"--train.deepspeed=zero2.json,{listed}"])
+    assert get_timers_config(deepspeed_config(cfg, batch_arithmetic(cfg.train, 1), "bf16")).synchronized
+
+
 def test_precision_resolution_and_fp16_on_cpu():
     assert resolve_precision(TrainConfig(), has_gpu=False, bf16_ok=False) == "fp32"
     assert resolve_precision(TrainConfig(), has_gpu=True, bf16_ok=True) == "bf16"
@@ -176,7 +192,7 @@ def test_every_recipe_with_every_machine_validates(recipe, machine, tmp_path, mo
             if key in ("tokenizer", "init_from"):
                 Path(value).mkdir(parents=True, exist_ok=True)
     cfg = load_config([str(recipe), str(machine)])
-    cfg.validate(world_size=8, has_gpu=True)
+    cfg.validate(world_size=1 if machine.name == "one-gpu.yaml" else 8, has_gpu=True)  # the machine's GPUs
 
 
 def test_cli_override_forms():

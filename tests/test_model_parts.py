@@ -171,6 +171,67 @@ def test_flex_attention_on_cpu_matches_sdpa_reference() -> None:
         torch.testing.assert_close(attend(q, k, v, blocks), attend(q, k, v, dense), rtol=0, atol=1e-5)
 
 
+def block_table(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """A BlockMask's (B, 1, n) counts and (B, 1, n, n) ordered indices as a (B, n, n) boolean table."""
+    B, _, n = counts.shape
+    table = torch.zeros(B, n, n, dtype=torch.bool)
+    for b in range(B):
+        for i in range(n):
+            table[b, i, indices[b, 0, i, : counts[b, 0, i]].long()] = True
+    return table
+
+
+def stream_layout(seed: int, B: int, T: int, shape: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """doc ids and prefix flags: `stream` (documents back to back, padding at the tail), `scattered`
+    (ids drawn at random per token: documents that are not contiguous), both with random prefixes."""
+    g = torch.Generator().manual_seed(seed)
+    if shape == "scattered":
+        doc_ids = torch.randint(-1, 4, (B, T), generator=g)
+    else:
+        doc_ids = torch.full((B, T), -1)
+        for b in range(B):
+            t, d = 0, 0
+            while True:
+                n = int(torch.randint(1, 40, (1,), generator=g))
+                if t + n > T - int(torch.randint(0, 6, (1,), generator=g)):
+                    break
+                doc_ids[b, t : t + n], t, d = d, t + n, d + 1
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    run_position = torch.zeros_like(doc_ids)
+    for b in range(B):
+        for t in range(1, T):
+            run_position[b, t] = 0 if starts[b, t] else run_position[b, t - 1] + 1
+    prefix = (run_position < torch.randint(0, 12, (B, T), generator=g)) & (doc_ids >= 0)
+    return doc_ids.int(), prefix
+
+
+@pytest.mark.parametrize("shape", ["stream", "scattered"])
+@pytest.mark.parametrize("with_prefix", [False, True])
+@pytest.mark.parametrize("window", [None, 3, 8, 21])
+def test_block_tables_from_document_extents_apply_exactly_the_dense_rule(shape, with_prefix, window) -> None:
+    """What the kernel applies (full blocks whole, `mask_mod` inside partial blocks, nothing elsewhere)
+    is the dense reference rule, position for position; for contiguous documents without a prefix the
+    blocks visited are exactly those where the rule allows something."""
+    for seed in range(3):
+        doc_ids, prefix = stream_layout(seed, 2, 96, shape)
+        prefix = prefix if with_prefix else None
+        for size in (4, 8):
+            mask = block_mask(doc_ids, prefix, window, block_size=size)
+            partial = block_table(mask.kv_num_blocks, mask.kv_indices)
+            full = block_table(mask.full_kv_num_blocks, mask.full_kv_indices)
+            assert not (partial & full).any()
+            rule = dense_mask(doc_ids, prefix, window)[:, 0]  # (B, T, T)
+
+            def spread(table: torch.Tensor) -> torch.Tensor:
+                return table.repeat_interleave(size, 1).repeat_interleave(size, 2)  # noqa: B023
+
+            assert torch.equal(spread(full) | (spread(partial) & rule), rule)
+            if shape == "stream" and prefix is None:
+                touched = rule.reshape(2, 96 // size, size, 96 // size, size).any(4).any(2)
+                assert torch.equal(partial | full, touched)
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_model_forward_with_flex_backend_matches_sdpa_backend() -> None:
     batch = packed_batch()

@@ -9,6 +9,7 @@ world sizes 1 and 2, and across resume.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -30,7 +31,7 @@ from ds_train.data.stream import build_dataloader
 from ds_train.data.tokenizer import load_tokenizer, separated_ids
 from ds_train.distributed import free_port
 from ds_train.model import GPTNeo, GPTNeoConfig
-from ds_train.train import main
+from ds_train.train import QuietGC, main
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "tests" / "assets"
@@ -76,6 +77,31 @@ def scheduled_lr(step: int, total: int, peak: float, floor: float, warmup_ratio:
         return peak * (step + 1) / warm
     progress = (step - warm) / max(1, total - warm)
     return floor + (peak - floor) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def test_the_step_loop_collects_garbage_on_its_schedule_only_and_restores_the_collector():
+    collections: list[int] = []
+
+    def watch(phase: str, info: dict) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.callbacks.append(watch)
+    try:
+        quiet = QuietGC()
+        collections.clear()
+        kept = []
+        for step in range(1, 101):
+            kept.append([[] for _ in range(2_000)])  # 200,000 new containers: far past every automatic threshold
+            quiet.after(step)
+        assert collections == [1, 1, 1]  # after the first step, and at steps 50 and 100: nothing automatic
+        assert not gc.isenabled() and gc.get_freeze_count() > 0
+        quiet.close()
+        assert gc.isenabled() and gc.get_freeze_count() == 0
+    finally:
+        gc.callbacks.remove(watch)
+        gc.unfreeze()
+        gc.enable()
 
 
 def test_scheduled_lr_formula_by_hand():
