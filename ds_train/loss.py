@@ -100,6 +100,17 @@ def _row_ops(logits: Tensor, fused: bool):
     return _logsumexp_, _softmax_grad_
 
 
+def chunks(n: int, size: int) -> list[slice]:
+    """Row slices of at most `size` rows over n rows, except that a last chunk of one row joins the one
+    before it (`size` + 1 rows): the compiled row kernels take their row count as a dynamic size, but
+    torch.compile specialises a size of 1 and would compile them again, a second or so in the middle of a
+    step, whenever a micro batch's target count is one more than a multiple of `size`."""
+    starts = list(range(0, n, size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return [slice(start, end) for start, end in zip(starts, [*starts[1:], n])]
+
+
 class ChunkedTiedCrossEntropy(torch.autograd.Function):
     """Per-row cross-entropy -log softmax(view(h W^T))[label], chunk by chunk, with a recomputing backward.
 
@@ -126,8 +137,7 @@ class ChunkedTiedCrossEntropy(torch.autograd.Function):
         table = weight.to(operands)
         losses = torch.empty(h.shape[0], dtype=torch.promote_types(operands, torch.float32), device=h.device)
         lse = torch.empty_like(losses)
-        for start in range(0, h.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
+        for rows in chunks(h.shape[0], chunk_size):
             logits = view_logits(h[rows].to(operands), table, vocab_size, is_code[rows], separated_ids)
             label_logit = logits.gather(1, labels[rows, None]).squeeze(1)  # (n,)
             logsumexp, _ = _row_ops(logits, fused_rows)
@@ -149,8 +159,7 @@ class ChunkedTiedCrossEntropy(torch.autograd.Function):
         grad_table = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
         grad_text, grad_code = grad_table[:V], grad_table[V:]
         grad_losses = grad_losses.to(lse.dtype)
-        for start in range(0, h.shape[0], ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
+        for rows in chunks(h.shape[0], ctx.chunk_size):
             h_c, code_c, g_c = h[rows].to(operands), is_code[rows], grad_losses[rows]
             # d loss_i / d logit_ij = g_i (softmax_ij - [j == label_i]), in the operands' dtype.
             logits = view_logits(h_c, table, V, code_c, separated_ids)  # (n, V)

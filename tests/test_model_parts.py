@@ -7,7 +7,7 @@ import torch
 from torch.nn.attention.flex_attention import create_mask
 
 from ds_train.attention import Regrouped, attend, block_mask, build_masks, dense_mask, make_mask_mod
-from ds_train.loss import modality_loss
+from ds_train.loss import chunks, modality_loss
 from ds_train.model import FLAVORS, GPTNeo, GPTNeoConfig
 
 V = 30
@@ -247,6 +247,31 @@ def test_model_forward_with_flex_backend_matches_sdpa_backend() -> None:
 # ---------------------------------------------------------------------------------------------------
 # Precision of the fused loss
 # ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 6, 7, 8, 9, 14, 15, 22])
+def test_loss_chunks_cover_every_row_once_and_hold_one_row_only_when_there_is_one(n: int) -> None:
+    parts = chunks(n, 7)
+    assert [i for part in parts for i in range(n)[part]] == list(range(n))
+    assert all(part.stop - part.start <= 8 for part in parts)
+    assert n == 1 or all(part.stop - part.start >= 2 for part in parts)
+
+
+def test_a_last_chunk_of_one_row_gives_the_loss_and_gradients_of_one_chunk() -> None:
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 10, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V + len(S), 16, dtype=torch.float64, requires_grad=True)
+    input_ids = torch.randint(1, V, (1, 10))
+    input_ids[0, 3:7] = torch.tensor(S)  # separated tokens among the targets
+    modality = torch.tensor([[False, True, True, False, True, True, False, True, False, True]])
+    target = torch.ones(1, 10, dtype=torch.bool)  # 9 counted targets: chunks of 4 would leave one row
+    results = []
+    for size in (4, 100):
+        loss, _ = modality_loss(hidden, weight, input_ids, target, modality, torch.tensor(S), vocab_size=V,
+                                chunk_size=size)
+        results.append((loss.detach(), *torch.autograd.grad(loss, (hidden, weight))))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_loss_on_bf16_inputs_accumulates_in_fp32() -> None:
