@@ -176,6 +176,16 @@ class Variant:
 PER_BLOCK = Variant("+ fused row kernels", whole_stack=False)
 """The fast path with each block compiled on its own (the ablation step before the one compiled graph)."""
 
+HOST_VARIANTS = {
+    "cuda_graphs": Variant("fast, CUDA graphs over the block stack", cuda_graphs=True),
+    "zero1": Variant("fast, ZeRO-1", zero=1),
+    "contiguous_off": Variant("fast, contiguous_gradients off", contiguous_gradients=False),
+    "zero0": Variant("fast, ZeRO-0", zero=0),
+    "scanned_masks": Variant("fast, block masks scanned over every position", scanned_masks=True),
+    "throughput_timer": Variant("fast, DeepSpeed's throughput timer on (its default)", throughput_timer=True),
+}
+"""Settings that take work out of the step (`--host-variants`); each is timed beside the fast path."""
+
 ABLATION = (
     Variant("session-1 step", overlap_comm=True, check_grad_overflow=True, cpu_positions=False, fused_rows=False,
             whole_stack=False, throughput_timer=True),
@@ -188,20 +198,9 @@ ABLATION = (
     Variant("+ one compiled graph for the blocks", throughput_timer=True),
     Variant("+ DeepSpeed's throughput timer off (fast)"),
     Variant("fast, chunk 16384", chunk=16384),
-    Variant("fast, contiguous_gradients off", contiguous_gradients=False),  # bench/host_overhead.py: -5 ms host
+    HOST_VARIANTS["contiguous_off"],  # bench/host_overhead.py: -5 ms host
 )
 """The step from session 1's settings to the fast path, one change at a time (`--ablation`)."""
-
-HOST_VARIANTS = {
-    "cuda_graphs": Variant("fast, CUDA graphs over the block stack", cuda_graphs=True),
-    "zero1": Variant("fast, ZeRO-1", zero=1),
-    "contiguous_off": Variant("fast, contiguous_gradients off", contiguous_gradients=False),
-    "zero0": Variant("fast, ZeRO-0", zero=0),
-    "scanned_masks": Variant("fast, block masks scanned over every position", scanned_masks=True),
-    "throughput_timer": Variant("fast, DeepSpeed's throughput timer on (its default)", throughput_timer=True),
-}
-"""Settings that take work out of the step (`--host-variants`); each is timed beside the fast path."""
-
 
 class EagerRowsGPTNeo(GPTNeo):
     """The model with the loss's eager row operations on CUDA (`modality_loss(fused_rows=False)`): the
@@ -521,12 +520,30 @@ def loss_curve(args, layouts, emit) -> None:
 
 
 # ------------------------------------------------------------------------------------------ a real run
+def write_row(row: dict, out: str) -> None:
+    """Print one result line, and append it to `out` when given."""
+    line = json.dumps(row)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
 def run_rate(metrics: Path, after: int) -> dict:
     """A `ds-train` run's sustained rate from its metrics.jsonl: the logged intervals after step `after`
     (the warm-up: compiling), weighted by their duration (tokens / seconds), with the smallest and
     largest interval rate, MFU on useful tokens and the peak memory."""
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "perf/tokens_per_s" in r]
+    try:
+        lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+    except OSError as err:
+        raise SystemExit(f"train_step: {metrics}: {err.strerror or err}") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            print(f"train_step: {metrics}:{number}: not a JSON line (skipped)", file=sys.stderr)
+    rows = [r for r in rows if isinstance(r, dict) and "perf/tokens_per_s" in r]
     if not rows:
         raise SystemExit(f"train_step: {metrics}: no perf/tokens_per_s rows")
     steps = [r["step"] for r in rows]
@@ -552,6 +569,14 @@ def packings(value: str) -> list[str]:
     names = [x for x in value.split(",") if x]
     if not names or any(x not in ("stream", "rows") for x in names):
         raise argparse.ArgumentTypeError(f"{value!r}: expected stream, rows or both (comma-separated)")
+    return names
+
+
+def variant_names(value: str) -> list[str]:
+    """`--host-variants`' list, each a key of HOST_VARIANTS."""
+    names = [x for x in value.split(",") if x]
+    if unknown := [x for x in names if x not in HOST_VARIANTS]:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; known: {', '.join(HOST_VARIANTS)}")
     return names
 
 
@@ -594,7 +619,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="accumulate this many sequences per optimizer step at every micro batch timed "
                           "(the recipe's 256: micro batch 16 accumulates 16, 64 accumulates 4); "
                           "overrides --accumulation")
-    run.add_argument("--host-variants", nargs="?", const=",".join(HOST_VARIANTS), default="", metavar="NAMES",
+    run.add_argument("--host-variants", type=variant_names, nargs="?", const=list(HOST_VARIANTS), default=[],
+                     metavar="NAMES",
                      help="also time the fast path with these settings (comma-separated; all when no list is "
                           f"given): {', '.join(HOST_VARIANTS)}")
     run.add_argument("--no-compile", action="store_true")
@@ -621,7 +647,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--lean-batch", type=int, default=16)
     run.add_argument("--profile", default="", metavar="DIR",
                      help="also profile 5 steps (one GPU): kernel table, GPU busy share, trace_*.json.gz in DIR")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.cmd == "run" and bool(args.curve_data) != bool(args.curve_tokenizer):
+        p.error("--curve-data and --curve-tokenizer go together")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -640,11 +669,7 @@ def main(argv: list[str] | None = None) -> int:
             except json.JSONDecodeError:
                 row[key] = value
         row.update(run_rate(args.metrics, args.after))
-        line = json.dumps(row)
-        print(line)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        write_row(row, args.out)
         return 0
     from ds_train import distributed
 
@@ -657,13 +682,8 @@ def main(argv: list[str] | None = None) -> int:
     is_main = dist.get_rank() == 0
 
     def emit(row: dict) -> None:
-        if not is_main:
-            return
-        line = json.dumps({**row, "device": card})
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        if is_main:
+            write_row({**row, "device": card}, args.out)
 
     compiled = not args.no_compile
     one_gpu = dist.get_world_size() == 1
@@ -674,9 +694,7 @@ def main(argv: list[str] | None = None) -> int:
             measure(args, args.flavor, args.seq, args.batch, compiled, layouts, emit, variant)
     elif args.per_block:
         measure(args, args.flavor, args.seq, args.batch, compiled, layouts, emit, PER_BLOCK)
-    for name in filter(None, args.host_variants.split(",")):
-        if name not in HOST_VARIANTS:
-            raise SystemExit(f"train_step: --host-variants: unknown {name!r}; known: {', '.join(HOST_VARIANTS)}")
+    for name in args.host_variants:
         variant = HOST_VARIANTS[name]
         attempt(emit, variant.name, lambda v=variant: measure(args, args.flavor, args.seq, args.batch, compiled,
                                                               layouts, emit, v, packing=args.packing[0]))
