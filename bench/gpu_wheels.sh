@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds ./.whl: the Python packages the GPU machines' image lacks (it has torch, transformers,
 # triton, tensorboard, sentencepiece, tokenizers, safetensors, numpy), as wheels for CPython 3.12 on
-# x86-64 Linux, so that a device run can install them without a network:
+# x86-64 Linux, so that a GPU machine without a network can install them:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 # Knobs: OUT (default .whl); SET=engine (default: what the engine, model and eval need, ~6 MB)
 #        or SET=all (adds datasets 5.2.0 with dill and multiprocess, for hub-name data sources, ~1 MB more:
